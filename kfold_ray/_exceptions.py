@@ -3,10 +3,13 @@
     KfoldRayError
      +-- DatasetError (also ValueError)     bad COCO input: names the file, field and id at fault
      +-- ConfigError (also ValueError)      bad option: names the option, the value and the fix
+     |    +-- StorageError                  the run dir / image storage cannot be used (scheme,
+     |                                      bucket, credentials, endpoint)
      +-- ResumeError (also ValueError)      a run dir that cannot be resumed with these inputs
      +-- FoldFailedError                    a fold failed after its retries; carries fold and cause
  +-- FoldOutOfMemoryError               a fold ran out of GPU memory (not retried: it would again)
      +-- StitchError                        fold outputs are not a partition of the dataset
+     +-- ImageReadError                     a fold's node cannot read an image (not retried)
 
 Every error pickles across Ray processes (``__reduce__`` rebuilds it from its arguments).
 The CLI maps DatasetError/ConfigError/ResumeError to one line on stderr and exit code 2.
@@ -39,6 +42,10 @@ def _rebuild_dataset_error(message: str, path: str | None) -> DatasetError:
 
 class ConfigError(KfoldRayError, ValueError):
     """An option has a value kfold-ray cannot use."""
+
+
+class StorageError(ConfigError):
+    """The storage (run dir, images, weights) cannot be opened, written or reached."""
 
 
 class ResumeError(KfoldRayError, ValueError):
@@ -102,6 +109,21 @@ class StitchError(KfoldRayError):
 
 def _rebuild_stitch_error(message, missing, duplicated, wrong_fold) -> StitchError:
     return StitchError(message, missing=missing, duplicated=duplicated, wrong_fold=wrong_fold)
+
+
+class ImageReadError(KfoldRayError):
+    """A fold's node cannot read an image: names the node, the path and the fix. Retrying on
+    the same cluster would fail again, so the driver does not retry it."""
+
+    def __init__(self, node: str, path: str, cause: str) -> None:
+        self.node, self.path, self.cause = node, path, cause
+        super().__init__(
+            f"node {node} cannot read image {path} ({cause}): every node must read the images; "
+            "give --images as a URI (s3://, gs://, ...) or mount them at the same path on every node"
+        )
+
+    def __reduce__(self):
+        return (ImageReadError, (self.node, self.path, self.cause))
 
 
 # Errors that mean "the user's input is wrong": exit code 2, one line, no traceback.

@@ -1,0 +1,297 @@
+"""The run's storage: a local folder or an object-store prefix, reached through ``pyarrow.fs``.
+
+On a cluster the driver, the fold actors and the reducer run on nodes that share nothing but the
+network and this storage, so every file that a later step, a retry or a resume needs goes through
+a `Storage`. The location is a local path or a URI that ``pyarrow.fs.FileSystem.from_uri``
+understands (``s3://bucket/prefix``, ``gs://``, ``hdfs://``, ``file:///abs/path``): the convention
+of Ray Train's ``RunConfig(storage_path=...)``. Credentials and endpoints come from the standard
+variables of each store (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ..., or an instance profile),
+never from kfold-ray options.
+
+Writes are atomic: a reader never sees a half-written final name. On a local disk a file is
+written under a temporary name beside the final one and renamed; on an object store the object
+appears only when its upload completes. Names inside a storage are relative, ``/``-separated.
+
+A `Storage` pickles as its URI: each process (a fold actor on another node) opens the filesystem
+itself, with its own credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from ._exceptions import StorageError
+
+__all__ = ["Storage", "is_uri", "open_location"]
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_COPY_CHUNK = 8 << 20
+
+
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` locations (``file://`` included), False for plain paths."""
+    return isinstance(location, str) and bool(_SCHEME.match(location))
+
+
+def open_location(location: str | os.PathLike[str], *, what: str = "location"
+                  ) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, canonical URI or absolute local path) of a path or URI.
+
+    Raises StorageError naming ``what`` (e.g. ``--run-dir``) when the scheme is unknown.
+    """
+    if not is_uri(location):
+        path = os.path.abspath(os.fspath(location))
+        return pafs.LocalFileSystem(), path, path
+    text = str(location)
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, OSError) as e:
+        scheme = _SCHEME.match(text).group(1)
+        raise StorageError(
+            f"{what} {text!r}: cannot open storage with scheme {scheme!r} "
+            f"({_one_line(e)}); use a local path or an s3://, gs://, hdfs:// or file:// URI"
+        ) from None
+    if isinstance(fs, pafs.LocalFileSystem):
+        return fs, path, path
+    return fs, path.rstrip("/"), text.rstrip("/")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class Storage:
+    """A folder in local or remote storage; files are addressed by relative ``/`` names.
+
+    Attributes:
+        uri: the location as given by the user (absolute path for local folders).
+        fs: the pyarrow filesystem.
+        root: the folder's path inside ``fs``.
+    """
+
+    def __init__(self, location: str | os.PathLike[str], *, what: str = "run dir") -> None:
+        self.what = what
+        self.fs, self.root, self.uri = open_location(location, what=what)
+
+    def __reduce__(self):
+        return (Storage, (self.uri,), {"what": self.what})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.what = state.get("what", "run dir")
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    # ---- names ------------------------------------------------------------------------------
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def local_root(self) -> Path | None:
+        """The folder as a local Path when the storage is a local disk (or a mount), else None."""
+        return Path(self.root) if self.is_local else None
+
+    @property
+    def name(self) -> str:
+        """The last component of the location (``run-7`` for ``s3://b/runs/run-7``)."""
+        return self.root.rstrip("/").rsplit("/", 1)[-1] or self.root
+
+    def path(self, name: str = "") -> str:
+        """The filesystem path of ``name`` (relative, ``/``-separated)."""
+        name = name.strip("/")
+        return f"{self.root}/{name}" if name else self.root
+
+    def uri_of(self, name: str = "") -> str:
+        """``name`` as a URI (or absolute local path) that a user can paste."""
+        name = name.strip("/")
+        return f"{self.uri}/{name}" if name else self.uri
+
+    def child(self, name: str) -> "Storage":
+        """The sub-folder ``name`` as a Storage of its own."""
+        return Storage(self.uri_of(name), what=self.what)
+
+    # ---- checks -----------------------------------------------------------------------------
+    def check_usable(self) -> None:
+        """Prove the storage can be written, read and deleted, before any work starts.
+
+        Raises StorageError (a bad-input error) naming the location and the cause: unknown
+        bucket, bad credentials, unreachable endpoint, not a folder, no permission.
+        """
+        probe = f".kfold-ray-probe-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            info = self.fs.get_file_info(self.root)
+            if info.type == pafs.FileType.File:
+                raise StorageError(f"{self.what} {self.uri}: is a file, not a folder")
+            self.write_bytes(probe, b"ok")
+            if self.read_bytes(probe) != b"ok":
+                raise StorageError(f"{self.what} {self.uri}: a file written there reads back changed")
+            self.delete(probe)
+        except StorageError:
+            raise
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"{self.what} {self.uri}: cannot write there ({_one_line(e)[:300]})"
+                               ) from None
+
+    # ---- reading ----------------------------------------------------------------------------
+    def info(self, name: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path(name))
+
+    def exists(self, name: str = "") -> bool:
+        return self.info(name).type != pafs.FileType.NotFound
+
+    def is_file(self, name: str) -> bool:
+        return self.info(name).type == pafs.FileType.File
+
+    def is_dir(self, name: str = "") -> bool:
+        return self.info(name).type == pafs.FileType.Directory
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def open_input_file(self, name: str) -> pa.NativeFile:
+        """A random-access file (Arrow IPC / Parquet readers); memory-mapped on a local disk."""
+        if self.is_local:
+            return pa.memory_map(self.path(name), "r")
+        return self.fs.open_input_file(self.path(name))
+
+    def list(self, folder: str = "") -> list[pafs.FileInfo]:
+        """Entries directly in ``folder`` (files and folders), sorted by name; [] if it is absent."""
+        selector = pafs.FileSelector(self.path(folder), allow_not_found=True, recursive=False)
+        return sorted(self.fs.get_file_info(selector), key=lambda i: i.path)
+
+    def list_names(self, folder: str = "") -> list[str]:
+        return [i.base_name for i in self.list(folder)]
+
+    def is_empty(self) -> bool:
+        return not self.exists() or not self.list()
+
+    def get_file(self, name: str, local: str | os.PathLike[str]) -> Path:
+        """Copy ``name`` to the local file ``local`` (atomically); return its path."""
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with _local_atomic(local) as tmp:
+            with self.fs.open_input_stream(self.path(name)) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_COPY_CHUNK):
+                    dst.write(chunk)
+        return local
+
+    # ---- writing ----------------------------------------------------------------------------
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``name`` atomically (a reader sees the old file, no file, or all of ``data``)."""
+        if self.is_local:
+            final = Path(self.path(name))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with _local_atomic(final) as tmp:
+                tmp.write_bytes(data)
+            return
+        with _remote_atomic(self.fs, self.path(name)) as out:
+            out.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def write_json(self, name: str, obj: Any, *, indent: int | None = 2) -> None:
+        self.write_text(name, json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
+
+    def put_file(self, local: str | os.PathLike[str], name: str) -> None:
+        """Copy the local file ``local`` to ``name`` (atomically, streamed)."""
+        if self.is_local:
+            final = Path(self.path(name))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with _local_atomic(final) as tmp:
+                shutil.copyfile(local, tmp)
+            return
+        with open(local, "rb") as src, _remote_atomic(self.fs, self.path(name)) as out:
+            while chunk := src.read(_COPY_CHUNK):
+                out.write(chunk)
+
+    @contextlib.contextmanager
+    def staged(self, name: str) -> Iterator[Path]:
+        """Yield a local path to write ``name`` into; on clean exit it lands atomically in storage.
+
+        For writers that need a real file (Parquet, pickles, HTML): on a local disk the temporary
+        file sits beside the final name and is renamed; elsewhere it is uploaded, then removed.
+        """
+        if self.is_local:
+            final = Path(self.path(name))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with _local_atomic(final) as tmp:
+                yield tmp
+            return
+        with tempfile.TemporaryDirectory(prefix="kfold-ray-stage-") as d:
+            tmp = Path(d) / Path(name).name
+            yield tmp
+            self.put_file(tmp, name)
+
+    def delete(self, name: str) -> None:
+        """Delete the file ``name`` (no error when it is already gone)."""
+        try:
+            self.fs.delete_file(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def delete_dir(self, name: str) -> None:
+        """Delete the folder ``name`` and everything in it (no error when it is gone)."""
+        if self.info(name).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(name))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _local_atomic(final: Path) -> Iterator[Path]:
+    """A temporary path beside ``final``; on clean exit fsync + rename. Mode follows the umask
+    (mkstemp would leave 0600: a team on shared storage could not read the run)."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _remote_atomic(fs: pafs.FileSystem, path: str) -> Iterator[pa.NativeFile]:
+    """An output stream to an object store. The object appears when the upload completes; if
+    the writer fails, whatever the store may have committed is deleted again."""
+    out = fs.open_output_stream(path)
+    try:
+        yield out
+    except BaseException:
+        with contextlib.suppress(Exception):
+            out.close()
+        with contextlib.suppress(Exception):
+            fs.delete_file(path)
+        raise
+    out.close()

@@ -2,6 +2,7 @@
 
 Order of work (each step only after the one before succeeded):
     load + validate the dataset -> check options -> plan folds -> check the model config
+    -> fetch MODEL.WEIGHTS once -> check the run's storage
     -> (nothing reserved or written before this line) -> run dir -> Ray -> folds stream
     -> stitch -> outputs -> metrics
 """
@@ -9,29 +10,26 @@ Order of work (each step only after the one before succeeded):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
-import re
+import sys
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from . import _atomic
+from . import _rundir
 from ._backend import FoldBackend
 from ._config import DEFAULT_MODEL, CVConfig, FailureConfig, PredictConfig, TrainConfig
 from ._dataset import CocoDataset, load_coco
-from ._exceptions import ConfigError, ResumeError
+from ._exceptions import ConfigError
 from ._folds import FoldPlan, make_fold_plan
+from ._storage import Storage
 
 log = logging.getLogger(__name__)
-
-RUN_STATE = "run.json"
 
 
 @dataclass
@@ -39,17 +37,22 @@ class CVResult:
     """The outputs of a finished run (all of them also lie in ``run_dir``).
 
     Attributes:
-        run_dir: the run's folder.
+        run_dir: the run's folder: a Path for a local run dir, else its URI (``s3://...``).
         dataset: the dataset the run was made on.
         plan: the fold plan (``plan.fold_of_image``).
         metrics: per-fold and pooled out-of-fold COCO AP (as in ``metrics.json``).
     """
 
-    run_dir: Path
+    run_dir: Path | str
     dataset: CocoDataset
     plan: FoldPlan
     metrics: dict[str, Any]
     _predictions: list | None = field(default=None, repr=False)
+
+    @property
+    def storage(self) -> Storage:
+        """The run dir as a `Storage` (local or remote, the same calls)."""
+        return Storage(str(self.run_dir))
 
     @property
     def image_ids(self) -> np.ndarray:
@@ -66,8 +69,8 @@ class CVResult:
         """cleanlab object-detection predictions: per image, per class index, float32 (n, 5)
         ``[x1, y1, x2, y2, score]``."""
         if self._predictions is None:
-            with open(self.run_dir / "cleanlab_predictions.pkl", "rb") as f:
-                self._predictions = pickle.load(f)  # our own file, written by this run
+            # Our own file, written by this run.
+            self._predictions = pickle.loads(self.storage.read_bytes(_rundir.CLEANLAB_PREDICTIONS))
         return self._predictions
 
     @property
@@ -79,7 +82,7 @@ class CVResult:
         """All out-of-fold detections as a pyarrow Table (``predictions.parquet``)."""
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.run_dir / "predictions.parquet")
+        return pq.read_table(self.storage.open_input_file(_rundir.PREDICTIONS_PARQUET))
 
     # ---- label issues (kfold_ray._report) ----
     def label_issues(self, top: int | None = None, *, in_sample: bool = False):
@@ -97,12 +100,13 @@ class CVResult:
             ``is_issue``, ``issue_kind`` (overlooked / swapped / badly_located), the boxes
             concerned (``boxes``, JSON), ... (see `kfold_ray._report`).
         """
-        from ._report import label_issues_for_run, open_run
+        from ._report import label_issues_for_run, open_run, synced_run_dir
 
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
             raise ConfigError(f"top must be None or an integer >= 0, got {top!r}")
-        run = open_run(self.run_dir, dataset=self.dataset)
-        table = label_issues_for_run(run, in_sample=in_sample)
+        with synced_run_dir(self.storage) as local:
+            run = open_run(local, dataset=self.dataset)
+            table = label_issues_for_run(run, in_sample=in_sample)
         return table if top is None else table.slice(0, top)
     # ---- end label issues ----
 
@@ -115,7 +119,7 @@ def run_cv(
     model: str = DEFAULT_MODEL,
     overrides: Sequence[str] | None = None,
     gpus_per_fold: float = 1.0,
-    cpus_per_fold: float = 1.0,
+    cpus_per_fold: float | None = None,
     split: str | Any = "kfold",
     groups: Mapping[int, Hashable] | Sequence[Hashable] | str | None = None,
     seed: int = 0,
@@ -141,12 +145,17 @@ def run_cv(
         overrides: Detectron2 ``KEY VALUE`` overrides, flat, e.g. ``["SOLVER.MAX_ITER", "2000"]``.
         gpus_per_fold: GPUs per fold actor; fractional packs folds on one GPU. On a local
             cluster without GPUs, folds train on CPU.
+        cpus_per_fold: CPUs per fold actor (its data-loading workers); default: its share of
+            its node's CPUs per GPU, 1 without GPUs.
         split: ``kfold``, ``group``, ``stratified`` or a scikit-learn splitter object.
         groups: for ``group``: image id -> group mapping, a sequence aligned to the images, or
             the name of an image field of the json.
-        run_dir: where everything is written (default ``runs/<dataset>-<timestamp>``).
+        run_dir: where everything is written: a local folder or a URI (``s3://bucket/run``,
+            ``gs://``, ``hdfs://``, ``file://``), which on a cluster every node must reach
+            (default ``runs/<dataset>-<timestamp>``).
         resume: finish a run dir from an earlier, interrupted call (same dataset and config).
-        address: Ray cluster to join (else ``RAY_ADDRESS``, else a local cluster is started).
+        address: Ray cluster: an address; ``"local"`` for a new local cluster; None (default):
+            ``RAY_ADDRESS``, else the cluster running on this node, else a new local one.
         in_sample: also train once on all images and predict them (``in_sample/`` in the run
             dir): the baseline that shows what out-of-fold predictions gain.
         backend: the fold backend (default: Detectron2).
@@ -172,43 +181,94 @@ def run_cv(
 
         backend = Detectron2Backend()
     backend.validate(config.train, dataset)
-    run_path = _prepare_run_dir(run_dir, dataset, config, plan, resume=resume)
-    return _run(dataset, config, plan, run_path, backend, address=address, progress=progress,
-                in_sample=in_sample)
+    fetch = getattr(backend, "fetch_weights", None)
+    weights_file = fetch(config.train) if fetch is not None else None
+    storage = Storage(run_dir if run_dir is not None else _rundir.default_location(dataset))
+    storage.check_usable()
+    weights_id = _sha256(weights_file) if weights_file else ""
+    plan = _rundir.prepare(storage, dataset, config, plan, resume=resume,
+                           fingerprint=_rundir.fingerprint(dataset, config, weights_id=weights_id))
+    weights = _store_weights(storage, weights_file, weights_id)
+    return _run(dataset, config, plan, storage, backend, weights=weights, address=address,
+                progress=progress, in_sample=in_sample)
 
 
-def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, run_dir: Path,
-         backend: FoldBackend, *, address: str | None, progress: bool,
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _store_weights(storage: Storage, local: Path | None, weights_id: str) -> str:
+    """Put the fetched weights in the run's storage (once); return where folds load them from."""
+    if local is None:
+        return ""
+    name = f"{_rundir.WEIGHTS}/{weights_id[:16]}-{local.name}"
+    if not storage.is_file(name):
+        storage.put_file(local, name)
+    return storage.uri_of(name)
+
+
+def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storage,
+         backend: FoldBackend, *, weights: str, address: str | None, progress: bool,
          in_sample: bool) -> CVResult:
-    from ._driver import run_folds
+    from . import _cluster
     from ._metrics import coco_metrics
     from ._outputs import write_all
+
+    started = time.time()
+    info = _cluster.connect(address)
+    launch, lines = _cluster.plan_launch(info, config, folds=plan.k)
+    for line in lines:
+        _say(line, progress)
+    state = _rundir.read_state(storage)
+    job = _job(storage, state["run_name"], config, weights, launch)
+    table, fold_info = _run_and_stitch(dataset, plan, job, backend, progress)
+    write_all(storage, table, dataset)
+    metrics = coco_metrics(dataset, table, plan.fold_of_image, plan.k)
+    metrics["folds_run"] = {str(f): v for f, v in sorted(fold_info.items())}
+    metrics["launch"] = {"gpus_per_fold": launch.num_gpus, "cpus_per_fold": launch.num_cpus,
+                         "cluster": info.describe()}
+    if in_sample:
+        metrics["in_sample"] = _run_in_sample(dataset, storage.child(_rundir.IN_SAMPLE),
+                                              replace(job, run_name=f"{job.run_name}-insample"),
+                                              backend, progress)
+    metrics["seconds"] = round(time.time() - started, 1)
+    storage.write_json(_rundir.METRICS, metrics)
+    _rundir.mark_finished(storage, state)
+    run_dir = storage.local_root if storage.is_local else storage.uri
+    return CVResult(run_dir=run_dir, dataset=dataset, plan=plan, metrics=metrics)
+
+
+def _say(line: str, progress: bool) -> None:
+    if progress:
+        print(f"[kfold-ray] {line}", file=sys.stderr, flush=True)
+    log.info(line)
+
+
+def _job(storage: Storage, run_name: str, config: CVConfig, weights: str, launch):
+    from ._driver import FoldJob
+
+    return FoldJob(storage=storage, run_name=run_name, config=config, train=config.train,
+                   weights=weights, launch=launch)
+
+
+def _run_and_stitch(dataset: CocoDataset, plan, job, backend: FoldBackend, progress: bool):
+    """Run the folds of ``plan`` into ``job.storage``; return the stitched table and fold info."""
+    from ._driver import run_folds
     from ._progress import ProgressBoard
     from ._reduce import Reducer
 
-    started = time.time()
-    launch = _connect_ray(address, config)
-    state = json.loads((run_dir / RUN_STATE).read_text())
+    reducer = Reducer(job.storage)
     board = ProgressBoard(plan.k, enabled=progress)
-    reducer = Reducer(run_dir)
     try:
-        fold_info = run_folds(dataset=dataset, plan=plan, config=config, run_dir=run_dir,
-                              run_name=state["run_name"], backend=backend, reducer=reducer,
-                              launch=launch, board=board)
+        fold_info = run_folds(dataset=dataset, plan=plan, job=job, backend=backend,
+                              reducer=reducer, board=board)
     finally:
         board.close()
-    table = reducer.finish(plan.fold_of_image, dataset.num_images)
-    write_all(run_dir, table, dataset)
-    metrics = coco_metrics(dataset, table, plan.fold_of_image, plan.k)
-    metrics["folds_run"] = {str(f): v for f, v in sorted(fold_info.items())}
-    if in_sample:
-        metrics["in_sample"] = _run_in_sample(dataset, config, run_dir, backend, state["run_name"],
-                                              launch, progress)
-    metrics["seconds"] = round(time.time() - started, 1)
-    _atomic.write_json(run_dir / "metrics.json", metrics)
-    _atomic.write_json(run_dir / RUN_STATE, {**state, "status": "finished",
-                                              "finished": _now()})
-    return CVResult(run_dir=run_dir, dataset=dataset, plan=plan, metrics=metrics)
+    return reducer.finish(plan.fold_of_image, dataset.num_images), fold_info
 
 
 @dataclass(frozen=True)
@@ -228,145 +288,18 @@ class _AllImagesPlan:
     train_indices = holdout_indices
 
 
-def _run_in_sample(dataset: CocoDataset, config: CVConfig, run_dir: Path, backend: FoldBackend,
-                   run_name: str, launch, progress: bool) -> dict[str, Any]:
-    """Train once on all images and predict them, into ``run_dir/in_sample`` (same outputs).
+def _run_in_sample(dataset: CocoDataset, storage: Storage, job, backend: FoldBackend,
+                   progress: bool) -> dict[str, Any]:
+    """Train once on all images and predict them, into ``in_sample/`` (same outputs).
 
     Runs after the folds (it reuses their resources); resumable like a fold.
     """
-    from ._driver import run_folds
     from ._metrics import coco_metrics
     from ._outputs import write_all
-    from ._progress import ProgressBoard
-    from ._reduce import Reducer
 
-    out = run_dir / "in_sample"
     plan = _AllImagesPlan(dataset.num_images)
-    reducer = Reducer(out)
-    board = ProgressBoard(1, enabled=progress)
-    try:
-        run_folds(dataset=dataset, plan=plan, config=config, run_dir=out,
-                  run_name=f"{run_name}-insample", backend=backend, reducer=reducer,
-                  launch=launch, board=board)
-    finally:
-        board.close()
-    table = reducer.finish(plan.fold_of_image, dataset.num_images)
-    write_all(out, table, dataset)
+    table, _ = _run_and_stitch(dataset, plan, replace(job, storage=storage), backend, progress)
+    write_all(storage, table, dataset)
     return coco_metrics(dataset, table, plan.fold_of_image, 1)["pooled"]
 
 
-# ---- run dir ---------------------------------------------------------------------------------
-def _prepare_run_dir(run_dir, dataset: CocoDataset, config: CVConfig, plan: FoldPlan, *,
-                     resume: bool) -> Path:
-    """Create (or reopen, with ``resume``) the run dir; record what makes the run reproducible."""
-    path = Path(run_dir) if run_dir is not None else _default_run_dir(dataset)
-    fingerprint = _run_fingerprint(dataset, config, plan)
-    state_file = path / RUN_STATE
-    if resume:
-        if not state_file.is_file():
-            raise ResumeError(f"{path}: no run to resume here (no {RUN_STATE}); drop --resume to start one")
-        state = _read_state(state_file)
-        if state.get("fingerprint") != fingerprint:
-            raise ResumeError(
-                f"{path}: this run dir was made from another dataset or configuration "
-                f"(dataset {state.get('dataset_fingerprint', '?')[:12]} vs {dataset.fingerprint[:12]}); "
-                "resume with the same inputs, or choose a new --run-dir"
-            )
-        FoldPlan.load(path / "folds.json").check_matches(dataset)
-        return path
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"run dir {path} is not empty: pass --resume to finish the run in it, "
-                          "or choose another --run-dir")
-    path.mkdir(parents=True, exist_ok=True)
-    plan.save(path / "folds.json")
-    _atomic.write_json(path / "config.json", _config_record(dataset, config))
-    _atomic.write_json(state_file, {
-        "run_name": _run_name(path), "fingerprint": fingerprint,
-        "dataset_fingerprint": dataset.fingerprint, "status": "running", "started": _now(),
-    })
-    return path
-
-
-def _read_state(state_file: Path) -> dict[str, Any]:
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ResumeError(f"{state_file}: unreadable run state ({e})") from e
-    if not isinstance(state, dict):
-        raise ResumeError(f"{state_file}: run state is not a JSON object")
-    return state
-
-
-def _config_record(dataset: CocoDataset, config: CVConfig) -> dict[str, Any]:
-    from . import __version__
-
-    return {
-        "kfold_ray_version": __version__,
-        "annotations": str(dataset.annotations_path),
-        "image_root": str(dataset.image_root),
-        "dataset_fingerprint": dataset.fingerprint,
-        "num_images": dataset.num_images,
-        "num_classes": dataset.num_classes,
-        "config": config.to_json(),
-        "versions": _versions(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("ray", "torch", "torchvision", "detectron2", "pycocotools", "cleanlab", "numpy", "pyarrow"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _run_fingerprint(dataset: CocoDataset, config: CVConfig, plan: FoldPlan) -> str:
-    blob = json.dumps({"dataset": dataset.fingerprint, "config": config.to_json(),
-                       "folds": plan.fold_of_image.tolist()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _default_run_dir(dataset: CocoDataset) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{dataset.annotations_path.stem}-{stamp}"
-
-
-def _run_name(path: Path) -> str:
-    """Ray actor names and Detectron2 dataset names of this run: unique, simple characters."""
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_-]+', '-', path.name)[:40]}-{digest}"
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ---- Ray -------------------------------------------------------------------------------------
-def _connect_ray(address: str | None, config: CVConfig):
-    """Join the given (or RAY_ADDRESS) cluster, reuse an initialized one, or start a local one."""
-    import ray
-
-    from ._driver import FoldLaunch
-
-    started_here = False
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            # A cluster of our own: without an address, plain ray.init() would join whatever
-            # local cluster another process on this machine happens to run.
-            ray.init(address="local", configure_logging=False, log_to_driver=False)
-            started_here = True
-    num_gpus = config.gpus_per_fold
-    if num_gpus and started_here and not ray.cluster_resources().get("GPU"):
-        # A local machine without GPUs: train on CPU rather than wait forever for a GPU.
-        log.warning("no GPU on this local Ray cluster: folds train on CPU")
-        num_gpus = 0
-    elif num_gpus and not ray.cluster_resources().get("GPU"):
-        log.warning("the Ray cluster has no GPU now: folds wait for GPU workers (autoscaler)")
-    return FoldLaunch(num_gpus=num_gpus, num_cpus=config.cpus_per_fold)

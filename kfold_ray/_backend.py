@@ -32,8 +32,12 @@ class FoldTask:
         train_indices: int64 image indices the fold trains on.
         predict_indices: int64 held-out image indices still to predict (those already persisted
             by an earlier attempt are left out).
-        work_dir: the fold's folder in the run dir (checkpoints, Detectron2 logs).
+        work_dir: the fold's folder in the run's storage (a URI or an absolute path every node
+            reads): checkpoints and logs live there, so a retry on any node resumes.
         seed: training seed of this fold.
+        num_cpus: CPUs reserved for the fold's actor (its data-loading workers).
+        weights: initial weights the driver placed in the run's storage ("" = the config's own).
+        keep_checkpoints: how many of the newest checkpoints are kept.
     """
 
     run_name: str
@@ -46,6 +50,9 @@ class FoldTask:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     checkpoint_period: int = 500
+    num_cpus: float = 1.0
+    weights: str = ""
+    keep_checkpoints: int = 2
 
 
 @dataclass(frozen=True)
@@ -77,5 +84,6 @@ class FoldBackend(Protocol):
 
         Every image of ``task.predict_indices`` must appear in exactly one yielded batch's image
         indices, with or without detections. Training must resume from the last checkpoint in
-        ``task.work_dir`` when there is one.
+        ``task.work_dir`` when there is one. Errors that would happen again on a retry (an
+        unreadable image: ImageReadError; bad weights or config: ConfigError) are not retried.
         """

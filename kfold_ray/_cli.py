@@ -47,25 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- report (label issues): kfold_ray._report, kfold_ray._report_page ----
     rep = sub.add_parser("report", help="rank likely label errors of a finished run; write report/index.html")
-    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run's folder")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder (path or URI)")
     rep.add_argument("--top", type=int, default=20, help="suspect images shown on the page (default 20)")
     # ---- end report ----
     return parser
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--annotations", required=True, type=Path, help="COCO annotations json")
-    p.add_argument("--images", type=Path, default=None, help="image root (default: the json's folder)")
+    p.add_argument("--annotations", required=True, help="COCO annotations json (path or URI)")
+    p.add_argument("--images", default=None,
+                   help="image root, a path or a URI every node reads, e.g. s3://bucket/images "
+                        "(default: the json's folder)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=5, help="number of folds (default 5)")
-    p.add_argument("--run-dir", type=Path, default=None, help="output folder (default runs/<name>-<time>)")
+    p.add_argument("--run-dir", default=None,
+                   help="output folder: a path, or a URI on a cluster (s3://, gs://, hdfs://, file://); "
+                        "default runs/<name>-<time>")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model-zoo name, YAML path, or preset 'tiny'")
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                    help="Detectron2 config overrides, e.g. --opts SOLVER.MAX_ITER 2000")
     p.add_argument("--gpus-per-fold", type=float, default=1.0)
-    p.add_argument("--cpus-per-fold", type=float, default=1.0)
+    p.add_argument("--cpus-per-fold", type=float, default=None,
+                   help="CPUs per fold (default: its share of its node's CPUs per GPU; 1 without GPUs)")
     p.add_argument("--split", default="kfold", choices=SPLITS)
     p.add_argument("--group-field", default=None, help="image field holding the group (split=group)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,7 +79,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on GPU")
     p.add_argument("--max-retries", type=int, default=2)
     p.add_argument("--checkpoint-period", type=int, default=500)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address; 'local' starts a new local cluster (default: RAY_ADDRESS, "
+                        "else the cluster running on this node, else a new local one)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -140,7 +147,7 @@ def _example(args) -> int:
     from ._api import run_cv
     from ._example import make_digits_example
 
-    data_dir = args.run_dir.parent / f"{args.run_dir.name}-data"
+    data_dir = Path(args.run_dir).parent / f"{Path(args.run_dir).name}-data"
     example = make_digits_example(data_dir, n_images=args.images)
     print(f"example dataset: {example.annotations_path} ({args.images} images, injected label errors "
           f"listed in {example.injected_errors_path})")
@@ -162,19 +169,24 @@ def _report(args) -> int:
     if args.top < 0:
         print(f"kfold-ray: error: --top must be >= 0, got {args.top}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    run = open_run(args.run_dir)
-    rankings = {"out_of_fold": label_issues_for_run(run)}
-    if run.has_in_sample:
-        rankings["in_sample"] = label_issues_for_run(run, in_sample=True)
-    page = write_report(run, rankings, top=args.top)
+    from ._report import synced_run_dir
+    from ._storage import Storage
+
+    storage = Storage(args.run_dir)
+    with synced_run_dir(storage) as local:
+        run = open_run(local)
+        rankings = {"out_of_fold": label_issues_for_run(run)}
+        if run.has_in_sample:
+            rankings["in_sample"] = label_issues_for_run(run, in_sample=True)
+        page = write_report(run, rankings, top=args.top)
     oof = rankings["out_of_fold"]
     flagged = sum(oof.column("is_issue").to_pylist())
     print(f"cleanlab flags {flagged} of {oof.num_rows} images as likely mislabelled")
     for row in oof.slice(0, min(5, args.top)).to_pylist():
         print(f"  #{row['rank']:<3} image {row['image_id']:<8} quality {row['quality_score']:.4f}  "
               f"{row['issue_kind'] or '-':<14} {row['file_name']}")
-    for path in (args.run_dir / "label_issues.csv", args.run_dir / "label_issues.parquet", page):
-        print(f"  {path}")
+    for name in ("label_issues.csv", "label_issues.parquet", page.relative_to(local).as_posix()):
+        print(f"  {storage.uri_of(name)}")
     return EXIT_OK
 # ---- end report ----
 
@@ -185,9 +197,10 @@ def _print_summary(result) -> None:
     if pooled:
         print("pooled out-of-fold AP {:.3f}, AP50 {:.3f}".format(pooled.get("AP", float("nan")),
                                                                 pooled.get("AP50", float("nan"))))
-    for name in ("predictions.parquet", "cleanlab_predictions.pkl", "cleanlab_labels.pkl",
-                 "coco_results.json", "metrics.json", "folds.json"):
-        print(f"  {result.run_dir / name}")
+    from ._rundir import OUTPUT_FILES
+
+    for name in OUTPUT_FILES:
+        print(f"  {result.storage.uri_of(name)}")
 
 
 if __name__ == "__main__":

@@ -103,14 +103,17 @@ class CVConfig:
         seed: seeds the fold plan and each fold's training (fold f uses seed + f).
         gpus_per_fold: GPUs reserved by each fold actor; fractions pack folds onto one GPU.
             On a cluster without GPUs, folds train on CPU.
-        cpus_per_fold: CPUs reserved by each fold actor (also its data-loading threads).
+        cpus_per_fold: CPUs reserved by each fold actor; Detectron2's training loader uses them
+            (``DATALOADER.NUM_WORKERS`` = CPUs - 1 unless the user set it). None (default): the
+            fold's share of its node's CPUs per GPU (48 CPUs / 4 GPUs -> 12 for one GPU), 1
+            without GPUs.
     """
 
     k: int = 5
     split: str = "kfold"
     seed: int = 0
     gpus_per_fold: float = 1.0
-    cpus_per_fold: float = 1.0
+    cpus_per_fold: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
@@ -122,8 +125,9 @@ class CVConfig:
         _require(isinstance(self.gpus_per_fold, (int, float)) and math.isfinite(self.gpus_per_fold)
                  and 0 <= self.gpus_per_fold and (self.gpus_per_fold <= 1 or self.gpus_per_fold == int(self.gpus_per_fold)),
                  f"gpus_per_fold must be a fraction in [0, 1] or a whole number, got {self.gpus_per_fold!r}")
-        _require(isinstance(self.cpus_per_fold, (int, float)) and self.cpus_per_fold > 0,
-                 f"cpus_per_fold must be > 0, got {self.cpus_per_fold!r}")
+        _require(self.cpus_per_fold is None
+                 or (isinstance(self.cpus_per_fold, (int, float)) and self.cpus_per_fold > 0),
+                 f"cpus_per_fold must be > 0 (or None: automatic), got {self.cpus_per_fold!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
+import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -19,8 +22,10 @@ import numpy as np
 from ._backend import FoldEvent, FoldTask, Progress
 from ._config import TrainConfig
 from ._dataset import CocoDataset
-from ._exceptions import ConfigError, FoldOutOfMemoryError
+from ._checkpoints import CheckpointSync
+from ._exceptions import ConfigError, FoldOutOfMemoryError, ImageReadError
 from ._schema import make_prediction_batch
+from ._storage import Storage, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,6 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
             "SOLVER.WARMUP_ITERS", "50",
             "SOLVER.MAX_ITER", "300",
             "SOLVER.STEPS", "(240,)",
-            "DATALOADER.NUM_WORKERS", "0",
         ),
     ),
 }
@@ -71,6 +75,9 @@ def _import_detectron2():
     install_import_hook()
     import detectron2  # noqa: F401
 
+    from . import _d2files
+
+    _d2files.register()  # images and weights may be s3:// (or other pyarrow) URIs
     return detectron2
 
 
@@ -81,9 +88,29 @@ class Detectron2Backend:
     def validate(self, train: TrainConfig, dataset: CocoDataset) -> None:
         self.build_cfg(train, num_classes=dataset.num_classes, device="cpu")
 
+    def fetch_weights(self, train: TrainConfig) -> Path | None:
+        """The config's ``MODEL.WEIGHTS`` as a local file on the driver (None: from scratch).
+
+        Fetched once here, then placed in the run's storage by the driver, so that folds never
+        reach for a URL. ConfigError naming MODEL.WEIGHTS, within seconds, when it cannot be had.
+        """
+        cfg = self.build_cfg(train, num_classes=1, device="cpu")
+        spec = str(cfg.MODEL.WEIGHTS or "").strip()
+        if not spec:
+            return None
+        try:
+            return _fetch(spec)
+        except Exception as e:  # noqa: BLE001 - any failure to fetch is the same advice
+            raise ConfigError(
+                f"MODEL.WEIGHTS {spec!r} cannot be fetched ({type(e).__name__}: {_one_line(e)[:200]}): "
+                "pass a local file or a URI every node can read (--opts MODEL.WEIGHTS /path/model.pkl), "
+                "or train from scratch with --opts MODEL.WEIGHTS \"\""
+            ) from None
+
     def build_cfg(self, train: TrainConfig, *, num_classes: int, device: str, output_dir: str = "",
                   dataset_name: str = "", seed: int = 0, checkpoint_period: int = 500,
-                  score_threshold: float = 0.05, num_workers: int | None = None):
+                  score_threshold: float = 0.05, num_workers: int | None = None,
+                  weights: str | None = None):
         """Detectron2 ``CfgNode``: base config + preset + user overrides + what kfold-ray owns."""
         _import_detectron2()
         from detectron2 import model_zoo
@@ -103,6 +130,8 @@ class Detectron2Backend:
         self._own_keys(cfg, train, num_classes=num_classes, device=device, output_dir=output_dir,
                        dataset_name=dataset_name, seed=seed, checkpoint_period=checkpoint_period,
                        score_threshold=score_threshold, num_workers=num_workers)
+        if weights is not None:
+            cfg.MODEL.WEIGHTS = weights
         return cfg
 
     @staticmethod
@@ -121,33 +150,50 @@ class Detectron2Backend:
         cfg.SOLVER.CHECKPOINT_PERIOD = checkpoint_period
         cfg.OUTPUT_DIR = output_dir
         cfg.SEED = seed
-        if num_workers is not None:
-            cfg.DATALOADER.NUM_WORKERS = min(cfg.DATALOADER.NUM_WORKERS, num_workers)
+        if num_workers is not None and not _sets(train, "DATALOADER.NUM_WORKERS"):
+            # The fold's reserved CPUs feed the GPU; the user's own value wins.
+            cfg.DATALOADER.NUM_WORKERS = num_workers
 
     # ---- one fold ---------------------------------------------------------------------------
     def run_fold(self, task: FoldTask, dataset: CocoDataset) -> Iterator[FoldEvent]:
+        """Train in node-local scratch, checkpoints mirrored to the run's storage; then predict."""
         _import_detectron2()
+        scratch = Path(tempfile.mkdtemp(prefix=f"kfold-ray-{task.run_name}-fold{task.fold}-"))
+        sync = CheckpointSync(Storage(task.work_dir), scratch, keep=task.keep_checkpoints)
+        try:
+            yield from self._run_fold(task, dataset, scratch, sync)
+        finally:
+            sync.push_log()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _run_fold(self, task: FoldTask, dataset: CocoDataset, scratch: Path,
+                  sync: CheckpointSync) -> Iterator[FoldEvent]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        _check_images_readable(dataset, task)
+        resumed = sync.pull()
+        _log_to_file(scratch / "log.txt")
+        weights = _local_weights(task.weights, scratch)
         train_name = _register_split(f"{task.run_name}_fold{task.fold}_a{task.attempt}_train",
                                      dataset, task.train_indices)
         cfg = self.build_cfg(
-            task.train, num_classes=dataset.num_classes, device=device, output_dir=task.work_dir,
+            task.train, num_classes=dataset.num_classes, device=device, output_dir=str(scratch),
             dataset_name=train_name, seed=task.seed, checkpoint_period=task.checkpoint_period,
             score_threshold=task.predict.score_threshold,
-            num_workers=max(0, int(os.environ.get("OMP_NUM_THREADS", "1")) - 1),
+            num_workers=max(0, int(task.num_cpus) - 1), weights=weights,
         )
-        Path(task.work_dir).mkdir(parents=True, exist_ok=True)
-        _log_to_file(Path(task.work_dir) / "log.txt")
+        _fold_log(task, resumed, sync)
         try:
-            model = yield from _train(cfg, task.fold)
+            model = yield from _train(cfg, task.fold, sync)
         except torch.cuda.OutOfMemoryError:
             raise FoldOutOfMemoryError(
                 task.fold, "training", cfg.SOLVER.IMS_PER_BATCH,
                 "lower SOLVER.IMS_PER_BATCH (--opts) or the input size (INPUT.MAX_SIZE_TRAIN), or "
                 "raise --gpus-per-fold so fewer folds share a GPU (fractional GPUs share memory)",
             ) from None
+        except FileNotFoundError as e:
+            raise _image_error(e) from None
         try:
             yield from _predict(model, cfg, task, dataset, device)
         except torch.cuda.OutOfMemoryError:
@@ -155,6 +201,82 @@ class Detectron2Backend:
                 task.fold, "predicting", task.predict.batch_size,
                 "lower --batch-size, or raise --gpus-per-fold so fewer folds share a GPU",
             ) from None
+        except FileNotFoundError as e:
+            raise _image_error(e) from None
+
+
+def _sets(train: TrainConfig, key: str) -> bool:
+    """Whether the user's overrides (or the model's preset) set ``key``."""
+    _, preset = _resolve_model(train.model)
+    pairs = list(preset) + list(train.overrides)
+    return key in pairs[0::2]
+
+
+def _fetch(spec: str) -> Path:
+    """A local file for a MODEL.WEIGHTS value: a path, a URI (s3://...) or a Detectron2 URL."""
+    from detectron2.utils.file_io import PathManager
+
+    if spec.startswith("file://"):
+        spec = spec[len("file://"):]
+    if not is_uri(spec):
+        path = Path(spec).expanduser().absolute()
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file {path}")
+        return path
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # an unreachable host must fail within seconds, not hang
+    try:
+        return Path(PathManager.get_local_path(spec))
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _local_weights(weights: str, scratch: Path) -> str | None:
+    """The weights the driver placed in the run's storage, copied to this node (None: config's)."""
+    if not weights:
+        return None
+    if not is_uri(weights):
+        return weights
+    from ._d2files import download
+
+    return str(download(weights, scratch / "weights"))
+
+
+def _node() -> str:
+    try:
+        import ray
+
+        return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    except Exception:  # noqa: BLE001 - only for messages
+        return socket.gethostname()
+
+
+def _check_images_readable(dataset: CocoDataset, task: FoldTask) -> None:
+    """Fail fast, with the fix, when this node cannot see the images (another disk, no mount)."""
+    from detectron2.utils.file_io import PathManager
+
+    probes = [int(i) for i in (task.train_indices[:1].tolist() + task.predict_indices[:1].tolist())]
+    for i in probes:
+        path = str(dataset.image_path(i))
+        try:
+            ok = PathManager.isfile(path)
+        except Exception as e:  # noqa: BLE001 - storage errors: the same advice
+            raise ImageReadError(_node(), path, f"{type(e).__name__}: {_one_line(e)[:200]}") from None
+        if not ok:
+            raise ImageReadError(_node(), path, "no such file on this node")
+
+
+def _image_error(e: FileNotFoundError) -> ImageReadError:
+    return ImageReadError(_node(), str(e.filename or e), "no such file on this node")
+
+
+def _fold_log(task: FoldTask, resumed: str | None, sync: CheckpointSync) -> None:
+    """One line in the fold's log saying where this attempt runs and what it resumes from."""
+    where = sync.storage.uri_of(resumed) if resumed else "nothing (training from the start)"
+    logging.getLogger("detectron2.kfold_ray").info(
+        "kfold-ray fold %d attempt %d on node %s: resuming from %s",
+        task.fold, task.attempt, _node(), where,
+    )
 
 
 def _resolve_model(model: str) -> tuple[str, tuple[str, ...]]:
@@ -213,7 +335,7 @@ def _register_split(name: str, dataset: CocoDataset, indices: np.ndarray) -> str
     return name
 
 
-def _train(cfg, fold: int):
+def _train(cfg, fold: int, sync: CheckpointSync | None = None):
     """Train with Detectron2's DefaultTrainer, resuming from the fold's last checkpoint.
 
     The loop is TrainerBase.train written out, so that progress can be yielded between steps
@@ -225,6 +347,9 @@ def _train(cfg, fold: int):
     trainer = DefaultTrainer(cfg)
     trainer.resume_or_load(resume=True)  # last_checkpoint in OUTPUT_DIR, else MODEL.WEIGHTS
     start, max_iter = trainer.start_iter, trainer.max_iter
+    if start:
+        logging.getLogger("detectron2.kfold_ray").info(
+            "kfold-ray fold %d resumes training at iteration %d of %d", fold, start, max_iter)
     report_every = max(1, min(20, max_iter // 50 or 1))
     with EventStorage(start) as trainer.storage:
         trainer.iter = start
@@ -233,11 +358,15 @@ def _train(cfg, fold: int):
             trainer.before_step()
             trainer.run_step()
             trainer.after_step()
+            if sync is not None:
+                sync.push()  # a checkpoint written by this step goes to the run's storage
             if trainer.iter % report_every == 0 or trainer.iter == max_iter - 1:
                 loss = trainer.storage.latest().get("total_loss", (None,))[0]
                 yield Progress(fold, "train", trainer.iter + 1, max_iter, loss)
         trainer.iter = max_iter
         trainer.after_train()
+    if sync is not None:
+        sync.push()
     yield Progress(fold, "train", max_iter, max_iter, None)
     return trainer.model
 

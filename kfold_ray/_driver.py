@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,14 +20,17 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayError, RayTaskError
 
+from . import _rundir
 from ._actor import RemoteFoldActor
 from ._backend import FoldBackend, FoldTask, Progress
-from ._config import CVConfig
+from ._cluster import FoldLaunch
+from ._config import CVConfig, TrainConfig
 from ._dataset import CocoDataset
-from ._exceptions import FoldFailedError, FoldOutOfMemoryError
+from ._exceptions import ConfigError, FoldFailedError, FoldOutOfMemoryError, ImageReadError
 from ._folds import FoldPlan
 from ._progress import ProgressBoard
 from ._reduce import Reducer
+from ._storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +49,21 @@ class _Fold:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FoldLaunch:
-    """How fold actors are placed on the cluster."""
+class FoldJob:
+    """What every fold of a run shares: where it writes, what it trains, how it is placed."""
 
-    num_gpus: float
-    num_cpus: float
+    storage: Storage
+    run_name: str
+    config: CVConfig
+    train: TrainConfig  # config.train with MODEL.WEIGHTS resolved by the driver
+    weights: str
+    launch: FoldLaunch
 
 
-def run_folds(*, dataset: CocoDataset, plan: FoldPlan, config: CVConfig, run_dir: Path,
-              run_name: str, backend: FoldBackend, reducer: Reducer, launch: FoldLaunch,
-              board: ProgressBoard) -> dict[int, dict[str, Any]]:
-    """Run every fold not yet done in ``run_dir``; return per-fold info (attempts, seconds)."""
+def run_folds(*, dataset: CocoDataset, plan: FoldPlan, job: FoldJob, backend: FoldBackend,
+              reducer: Reducer, board: ProgressBoard) -> dict[int, dict[str, Any]]:
+    """Run every fold not yet done in the run's storage; return per-fold info (attempts, seconds)."""
+    config = job.config
     dataset_ref = ray.put(dataset)
     pending = [f for f in range(plan.k) if not reducer.store.is_fold_done(f)]
     for f in set(range(plan.k)) - set(pending):
@@ -65,7 +71,7 @@ def run_folds(*, dataset: CocoDataset, plan: FoldPlan, config: CVConfig, run_dir
     streams: dict[Any, _Fold] = {}
     for f in pending:
         state = _Fold(f)
-        streams[_launch(state, dataset_ref, plan, config, run_dir, run_name, backend, reducer, launch)] = state
+        streams[_launch(state, dataset_ref, plan, job, backend, reducer)] = state
     info: dict[int, dict[str, Any]] = {}
     try:
         while streams:
@@ -74,8 +80,7 @@ def run_folds(*, dataset: CocoDataset, plan: FoldPlan, config: CVConfig, run_dir
                 state = streams.pop(stream)
                 next_stream = _advance(stream, state, reducer, board, info, config)
                 if next_stream is _RELAUNCH:
-                    next_stream = _launch(state, dataset_ref, plan, config, run_dir, run_name,
-                                          backend, reducer, launch)
+                    next_stream = _launch(state, dataset_ref, plan, job, backend, reducer)
                 if next_stream is not None:
                     streams[next_stream] = state
     finally:
@@ -122,8 +127,10 @@ def _on_failure(state: _Fold, error: RayError, board: ProgressBoard, config: CVC
 
 
 def _would_fail_again(error: RayError) -> bool:
-    """Errors a retry cannot fix (the same batch size runs out of memory again)."""
-    return isinstance(error, RayTaskError) and isinstance(error.cause, FoldOutOfMemoryError)
+    """Errors a retry cannot fix: the same batch size runs out of memory again, the node cannot
+    read the images, the weights or the config are wrong."""
+    return isinstance(error, RayTaskError) and isinstance(
+        error.cause, (FoldOutOfMemoryError, ImageReadError, ConfigError))
 
 
 def _describe(error: RayError) -> str:
@@ -133,28 +140,30 @@ def _describe(error: RayError) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
-def _launch(state: _Fold, dataset_ref, plan: FoldPlan, config: CVConfig, run_dir: Path,
-            run_name: str, backend: FoldBackend, reducer: Reducer, launch: FoldLaunch):
+def _launch(state: _Fold, dataset_ref, plan: FoldPlan, job: FoldJob, backend: FoldBackend,
+            reducer: Reducer):
     """Start (or restart) a fold's actor; return its prediction stream."""
-    fold = state.fold
+    fold, config = state.fold, job.config
     already = reducer.store.covered_images(fold)
     holdout = plan.holdout_indices(fold)
     task = FoldTask(
-        run_name=run_name,
+        run_name=job.run_name,
         fold=fold,
         attempt=state.attempt,
         train_indices=plan.train_indices(fold),
         predict_indices=np.setdiff1d(holdout, already, assume_unique=True),
-        work_dir=str(run_dir / "folds" / f"fold_{fold:03d}"),
+        work_dir=job.storage.uri_of(_rundir.fold_work(fold)),
         seed=config.seed + fold,
-        train=config.train,
+        train=job.train,
         predict=config.predict,
         checkpoint_period=config.failure.checkpoint_period,
+        num_cpus=job.launch.num_cpus,
+        weights=job.weights,
     )
     state.actor = RemoteFoldActor.options(
-        name=f"kfold-ray:{run_name}:fold{fold}:try{state.attempt}",
-        num_gpus=launch.num_gpus,
-        num_cpus=launch.num_cpus,
+        name=f"kfold-ray:{job.run_name}:fold{fold}:try{state.attempt}",
+        num_gpus=job.launch.num_gpus,
+        num_cpus=job.launch.num_cpus,
         max_restarts=0,  # the driver restarts folds itself, with resume information
     ).remote(backend)
     state.started = time.monotonic()

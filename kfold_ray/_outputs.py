@@ -19,6 +19,7 @@ background thread writes each block while the next is built.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -32,7 +33,15 @@ import pyarrow.parquet as pq
 
 from ._atomic import atomic_path, write_json
 from ._pickles import dump_dict_slices, dump_nested_slices
+from ._rundir import (
+    CATEGORIES,
+    CLEANLAB_LABELS,
+    CLEANLAB_PREDICTIONS,
+    COCO_RESULTS,
+    PREDICTIONS_PARQUET,
+)
 from ._schema import DETECTION_SCHEMA
+from ._storage import Storage
 
 if TYPE_CHECKING:
     from ._dataset import CocoDataset
@@ -48,11 +57,6 @@ __all__ = [
     "write_predictions_parquet",
 ]
 
-PREDICTIONS_PARQUET = "predictions.parquet"
-CLEANLAB_PREDICTIONS = "cleanlab_predictions.pkl"
-CLEANLAB_LABELS = "cleanlab_labels.pkl"
-COCO_RESULTS = "coco_results.json"
-CATEGORIES = "categories.json"
 
 # Blocks stay under glibc's 32 MB mmap threshold, so their memory is reused rather than mapped and
 # faulted in afresh each time (page faults cost as much as the formatting on small VMs).
@@ -61,40 +65,46 @@ _ROW_CHUNK = 100_000  # detections per block of the COCO results JSON (~10 MB)
 
 @dataclass(frozen=True)
 class OutputPaths:
-    predictions_parquet: Path
-    cleanlab_predictions: Path
-    cleanlab_labels: Path
-    coco_results: Path
-    categories: Path
+    """Where each output landed: Paths in a local run dir, URIs in an object store."""
+
+    predictions_parquet: Path | str
+    cleanlab_predictions: Path | str
+    cleanlab_labels: Path | str
+    coco_results: Path | str
+    categories: Path | str
 
 
-def write_all(run_dir: str | Path, table: pa.Table, dataset: CocoDataset) -> OutputPaths:
+def write_all(run_dir: Storage | str | os.PathLike[str], table: pa.Table, dataset: CocoDataset
+              ) -> OutputPaths:
     """Write every output file of a stitched prediction table into ``run_dir``.
 
     Args:
-        run_dir: the run directory (created if needed).
+        run_dir: the run's storage, or a local folder / URI (created if needed). Each file is
+            written locally (beside its final name, or in a staging folder for an object
+            store) and lands under its final name only when complete.
         table: stitched detections (`kfold_ray._reduce.stitch`), DETECTION_SCHEMA columns.
         dataset: the dataset the predictions are for (image count, classes, labels).
     """
-    run_dir = Path(run_dir)
-    paths = OutputPaths(
-        predictions_parquet=run_dir / PREDICTIONS_PARQUET,
-        cleanlab_predictions=run_dir / CLEANLAB_PREDICTIONS,
-        cleanlab_labels=run_dir / CLEANLAB_LABELS,
-        coco_results=run_dir / COCO_RESULTS,
-        categories=run_dir / CATEGORIES,
+    storage = run_dir if isinstance(run_dir, Storage) else Storage(run_dir)
+    writers = {
+        PREDICTIONS_PARQUET: lambda p: write_predictions_parquet(p, table),
+        CLEANLAB_PREDICTIONS: lambda p: write_cleanlab_predictions(
+            p, table, num_images=dataset.num_images, num_classes=dataset.num_classes),
+        CLEANLAB_LABELS: lambda p: write_cleanlab_labels(p, dataset),
+        COCO_RESULTS: lambda p: write_coco_results(p, table),
+        CATEGORIES: lambda p: write_categories(p, dataset),
+    }
+    for name, write in writers.items():
+        with storage.staged(name) as tmp:
+            write(tmp)
+    where = (lambda name: Path(storage.path(name))) if storage.is_local else storage.uri_of
+    return OutputPaths(
+        predictions_parquet=where(PREDICTIONS_PARQUET),
+        cleanlab_predictions=where(CLEANLAB_PREDICTIONS),
+        cleanlab_labels=where(CLEANLAB_LABELS),
+        coco_results=where(COCO_RESULTS),
+        categories=where(CATEGORIES),
     )
-    write_predictions_parquet(paths.predictions_parquet, table)
-    write_cleanlab_predictions(
-        paths.cleanlab_predictions,
-        table,
-        num_images=dataset.num_images,
-        num_classes=dataset.num_classes,
-    )
-    write_cleanlab_labels(paths.cleanlab_labels, dataset)
-    write_coco_results(paths.coco_results, table)
-    write_categories(paths.categories, dataset)
-    return paths
 
 
 # ---- parquet, labels, categories -----------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Stage "reducer": persist fold prediction batches as they stream in, then stitch them.
 
 Folds run side by side and their batches arrive interleaved. The driver hands each batch to
-`Reducer.add`, which writes it at once to the run dir (one Arrow IPC file per batch, written
-atomically) and keeps only per-fold counts in memory. When every fold is done, `Reducer.finish`
+`Reducer.add`, which writes it at once to the run's storage (one Arrow IPC file per batch, written
+atomically; a local folder or an object store) and keeps only per-fold counts in memory. When every fold is done, `Reducer.finish`
 reads the parts back (memory-mapped, no copy) and `stitch` checks that they form a partition of the
 dataset in which each image was predicted by the one fold that held it out, then returns one table
 in dataset order.
 
-Layout of a run dir::
+Layout (names from `kfold_ray._rundir`)::
 
     parts/fold_000/00000000.arrow   one streamed batch (schema metadata keeps its image indices)
     parts/fold_000/00000001.arrow
@@ -20,100 +20,97 @@ write are ignored.
 
 from __future__ import annotations
 
-import json
+import os
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 
-from ._atomic import atomic_path, write_json
+from . import _rundir
 from ._exceptions import StitchError
 from ._schema import DETECTION_SCHEMA, batch_fold, batch_image_indices
+from ._storage import Storage
 
 __all__ = ["FoldPartStore", "Reducer", "stitch"]
 
 _PART_RE = re.compile(r"^(\d{8})\.arrow$")
-_DONE = "DONE.json"
+_DONE = _rundir.DONE
 _SHOW = 10  # image indices named in a StitchError message, per kind of problem
 
 
 class FoldPartStore:
-    """The persisted prediction batches of every fold, under ``run_dir/parts/``."""
+    """The persisted prediction batches of every fold, under ``parts/`` of the run's storage."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.root = Path(run_dir) / "parts"
+    def __init__(self, run_dir: Storage | str | os.PathLike[str]) -> None:
+        self.storage = run_dir if isinstance(run_dir, Storage) else Storage(run_dir)
 
-    # ---- paths ------------------------------------------------------------------------------
-    def fold_dir(self, fold: int) -> Path:
-        return self.root / f"fold_{int(fold):03d}"
+    # ---- names ------------------------------------------------------------------------------
+    def fold_dir(self, fold: int) -> str:
+        return _rundir.fold_parts(fold)
 
     def folds(self) -> list[int]:
-        """Folds with a directory on disk, ascending."""
-        if not self.root.is_dir():
-            return []
+        """Folds with a parts folder in storage, ascending."""
         found = []
-        for p in self.root.iterdir():
-            m = re.fullmatch(r"fold_(\d{3,})", p.name)
-            if m and p.is_dir():
+        for name in self.storage.list_names(_rundir.PARTS):
+            m = re.fullmatch(r"fold_(\d{3,})", name)
+            if m:
                 found.append(int(m.group(1)))
         return sorted(found)
 
-    def part_paths(self, fold: int) -> list[Path]:
-        """The fold's finished part files in ``seq`` order (``*.tmp`` leftovers are skipped)."""
+    def part_paths(self, fold: int) -> list[str]:
+        """The fold's finished part names in ``seq`` order (``*.tmp`` leftovers are skipped)."""
         d = self.fold_dir(fold)
-        if not d.is_dir():
-            return []
-        parts = [(int(m.group(1)), p) for p in d.iterdir() if (m := _PART_RE.match(p.name))]
+        parts = [(int(m.group(1)), f"{d}/{n}") for n in self.storage.list_names(d)
+                 if (m := _PART_RE.match(n))]
         return [p for _, p in sorted(parts)]
 
     # ---- writing ----------------------------------------------------------------------------
-    def put(self, batch: pa.RecordBatch, *, seq: int) -> Path:
-        """Persist one batch as ``parts/fold_XXX/{seq:08d}.arrow``, atomically; return its path.
+    def put(self, batch: pa.RecordBatch, *, seq: int) -> str:
+        """Persist one batch as ``parts/fold_XXX/{seq:08d}.arrow``, atomically; return its name.
 
         The fold comes from the batch's metadata. Writing the same ``seq`` again replaces the file.
         """
         _check_batch(batch)
         if not 0 <= seq < 10**8:
             raise ValueError(f"seq must be in [0, 1e8), got {seq}")
-        final = self.fold_dir(batch_fold(batch)) / f"{seq:08d}.arrow"
-        with atomic_path(final) as tmp:
-            with pa.OSFile(str(tmp), "wb") as sink:
-                with pa.ipc.new_file(sink, batch.schema) as writer:
-                    writer.write_batch(batch)
-        return final
+        name = f"{self.fold_dir(batch_fold(batch))}/{seq:08d}.arrow"
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        self.storage.write_bytes(name, sink.getvalue().to_pybytes())
+        return name
 
-    def mark_fold_done(self, fold: int, info: Mapping[str, Any]) -> Path:
+    def mark_fold_done(self, fold: int, info: Mapping[str, Any]) -> str:
         """Write ``parts/fold_XXX/DONE.json`` (atomically): the fold predicted all its images."""
-        path = self.fold_dir(fold) / _DONE
-        write_json(path, dict(info))
-        return path
+        name = f"{self.fold_dir(fold)}/{_DONE}"
+        self.storage.write_json(name, dict(info))
+        return name
 
     def clear_fold(self, fold: int) -> None:
         """Delete a fold's parts and DONE marker (e.g. before re-predicting it with a new model)."""
         for p in self.part_paths(fold):
-            p.unlink(missing_ok=True)
-        (self.fold_dir(fold) / _DONE).unlink(missing_ok=True)
+            self.storage.delete(p)
+        self.storage.delete(f"{self.fold_dir(fold)}/{_DONE}")
 
     # ---- reading ----------------------------------------------------------------------------
     def is_fold_done(self, fold: int) -> bool:
-        return (self.fold_dir(fold) / _DONE).is_file()
+        return self.storage.is_file(f"{self.fold_dir(fold)}/{_DONE}")
 
     def fold_done_info(self, fold: int) -> dict[str, Any] | None:
-        path = self.fold_dir(fold) / _DONE
-        if not path.is_file():
+        name = f"{self.fold_dir(fold)}/{_DONE}"
+        if not self.storage.is_file(name):
             return None
-        return json.loads(path.read_text(encoding="utf-8"))
+        return self.storage.read_json(name)
 
     def next_seq(self, fold: int) -> int:
         """One past the highest ``seq`` persisted for ``fold`` (0 for a fold with no part)."""
         parts = self.part_paths(fold)
-        return int(_PART_RE.match(parts[-1].name).group(1)) + 1 if parts else 0
+        return int(_PART_RE.match(parts[-1].rsplit("/", 1)[-1]).group(1)) + 1 if parts else 0
 
     def covered_images(self, fold: int) -> np.ndarray:
         """int64 sorted unique: images the fold's persisted parts cover (read from metadata only)."""
-        chunks = [_read_part_images(p) for p in self.part_paths(fold)]
+        chunks = [self._part_images(p) for p in self.part_paths(fold)]
         if not chunks:
             return np.empty(0, dtype=np.int64)
         return np.unique(np.concatenate(chunks))
@@ -121,21 +118,37 @@ class FoldPartStore:
     def read_fold(self, fold: int) -> tuple[pa.Table, np.ndarray]:
         """(detections, image indices) of every part of ``fold`` in ``seq`` order.
 
-        The table is memory-mapped (no copy) and carries no schema metadata. The image indices are
-        concatenated as persisted, duplicates kept, so that `stitch` can report them.
+        The table is memory-mapped on a local disk (no copy) and carries no schema metadata. The
+        image indices are concatenated as persisted, duplicates kept, so that `stitch` can report
+        them.
         """
         tables, images = [], []
-        for path in self.part_paths(fold):
-            table = _read_part(path)
+        for name in self.part_paths(fold):
+            table = self._read_part(name)
             if batch_fold(table) != fold:
                 raise StitchError(
-                    f"{path}: holds a batch of fold {batch_fold(table)}, not fold {fold}"
+                    f"{self.storage.uri_of(name)}: holds a batch of fold {batch_fold(table)}, not fold {fold}"
                 )
             images.append(batch_image_indices(table))
             tables.append(table.replace_schema_metadata(None))
         if not tables:
             return DETECTION_SCHEMA.empty_table(), np.empty(0, dtype=np.int64)
         return pa.concat_tables(tables), np.concatenate(images)
+
+    def _read_part(self, name: str) -> pa.Table:
+        try:
+            table = pa.ipc.open_file(self.storage.open_input_file(name)).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StitchError(f"{self.storage.uri_of(name)}: unreadable prediction part: {e}") from e
+        _check_batch(table)
+        return table
+
+    def _part_images(self, name: str) -> np.ndarray:
+        try:
+            schema = pa.ipc.open_file(self.storage.open_input_file(name)).schema
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StitchError(f"{self.storage.uri_of(name)}: unreadable prediction part: {e}") from e
+        return batch_image_indices(schema.empty_table())
 
 
 def _check_batch(batch: pa.RecordBatch | pa.Table) -> None:
@@ -152,23 +165,6 @@ def _check_batch(batch: pa.RecordBatch | pa.Table) -> None:
             "prediction batch lacks its fold / image indices metadata "
             "(build batches with make_prediction_batch)"
         ) from e
-
-
-def _read_part(path: Path) -> pa.Table:
-    try:
-        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise StitchError(f"{path}: unreadable prediction part: {e}") from e
-    _check_batch(table)
-    return table
-
-
-def _read_part_images(path: Path) -> np.ndarray:
-    try:
-        schema = pa.ipc.open_file(pa.memory_map(str(path), "r")).schema
-    except (pa.ArrowInvalid, OSError) as e:
-        raise StitchError(f"{path}: unreadable prediction part: {e}") from e
-    return batch_image_indices(schema.empty_table())
 
 
 # ---- stitching --------------------------------------------------------------------------------
@@ -337,7 +333,7 @@ class Reducer:
     Not thread-safe: call it from one thread (the driver's consuming loop).
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: Storage | str | os.PathLike[str]) -> None:
         self.store = FoldPartStore(run_dir)
         self._next_seq: dict[int, int] = {}
         self._images: dict[int, int] = {}
@@ -349,7 +345,7 @@ class Reducer:
         self._images[fold] = int(self.store.covered_images(fold).size)
         self._detections.setdefault(fold, 0)
 
-    def add(self, batch: pa.RecordBatch) -> Path:
+    def add(self, batch: pa.RecordBatch) -> str:
         """Persist one batch; return the part's path."""
         _check_batch(batch)
         fold = batch_fold(batch)
@@ -363,7 +359,7 @@ class Reducer:
 
     def images_received(self, fold: int) -> int:
         """Images persisted so far for ``fold`` (including parts from before a resume)."""
-        if fold not in self._images and self.store.fold_dir(fold).is_dir():
+        if fold not in self._images and self.store.storage.is_dir(self.store.fold_dir(fold)):
             self._load_fold(fold)
         return self._images.get(fold, 0)
 
@@ -378,7 +374,7 @@ class Reducer:
         """Detections received by this process for ``fold`` (parts from before a resume not counted)."""
         return self._detections.get(fold, 0)
 
-    def mark_fold_done(self, fold: int, info: Mapping[str, Any]) -> Path:
+    def mark_fold_done(self, fold: int, info: Mapping[str, Any]) -> str:
         return self.store.mark_fold_done(fold, info)
 
     def finish(self, fold_of_image: np.ndarray, num_images: int) -> pa.Table:

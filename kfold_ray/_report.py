@@ -41,18 +41,22 @@ Columns of ``label_issues.parquet`` / ``.csv`` (`LABEL_ISSUE_COLUMNS`), one row 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
+from . import _rundir
 from ._atomic import atomic_path
 from ._exceptions import ConfigError, DatasetError
+from ._storage import Storage
 
 if TYPE_CHECKING:
     from ._dataset import CocoDataset
@@ -67,10 +71,13 @@ __all__ = [
     "write_label_issues",
 ]
 
-LABEL_ISSUES_PARQUET = "label_issues.parquet"
-LABEL_ISSUES_CSV = "label_issues.csv"
-IN_SAMPLE_DIR = "in_sample"
-PREDICTIONS = "predictions.parquet"
+LABEL_ISSUES_PARQUET = _rundir.LABEL_ISSUES_PARQUET
+LABEL_ISSUES_CSV = _rundir.LABEL_ISSUES_CSV
+IN_SAMPLE_DIR = _rundir.IN_SAMPLE
+PREDICTIONS = _rundir.PREDICTIONS_PARQUET
+# What the report reads of a run dir (copied down first when the run dir is in an object store).
+_REPORT_INPUTS = (_rundir.RUN_STATE, _rundir.CONFIG, _rundir.METRICS, _rundir.FOLD_PLAN, PREDICTIONS,
+                  f"{IN_SAMPLE_DIR}/{PREDICTIONS}")
 
 ISSUE_KINDS: tuple[str, ...] = ("overlooked", "swapped", "badly_located")
 #: A per-box subtype score below this is evidence of that kind of problem on that box. Overlooked
@@ -96,6 +103,34 @@ LABEL_ISSUE_SCHEMA = pa.schema([
     ("boxes", pa.string()),
 ])
 LABEL_ISSUE_COLUMNS: tuple[str, ...] = tuple(LABEL_ISSUE_SCHEMA.names)
+
+
+# ---- a run dir anywhere ------------------------------------------------------------------------
+@contextlib.contextmanager
+def synced_run_dir(location: Storage | str | os.PathLike[str]) -> Iterator[Path]:
+    """A local folder holding the run dir: itself when local; else a copy of what the report
+    reads, whose new or changed files (rankings, the page) are uploaded back on clean exit."""
+    storage = location if isinstance(location, Storage) else Storage(location)
+    if storage.is_local:
+        yield Path(storage.root)
+        return
+    if not storage.is_file(_rundir.RUN_STATE):
+        raise ConfigError(f"{storage.uri}: not a kfold-ray run dir (no {_rundir.RUN_STATE})")
+    with tempfile.TemporaryDirectory(prefix="kfold-ray-report-") as d:
+        local = Path(d) / storage.name
+        for name in _REPORT_INPUTS:
+            if storage.is_file(name):
+                storage.get_file(name, local / name)
+        before = _snapshot(local)
+        yield local
+        for rel, stamp in sorted(_snapshot(local).items()):
+            if before.get(rel) != stamp:
+                storage.put_file(local / rel, rel)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in folder.rglob("*") if p.is_file()}
 
 
 # ---- a finished run ----------------------------------------------------------------------------

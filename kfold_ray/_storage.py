@@ -126,15 +126,17 @@ class Storage:
 
     # ---- checks -----------------------------------------------------------------------------
     def check_usable(self) -> None:
-        """Prove the storage can be written, read and deleted, before any work starts.
+        """Prove the storage can be written, before any work starts; create nothing locally.
 
         Raises StorageError (a bad-input error) naming the location and the cause: unknown
         bucket, bad credentials, unreachable endpoint, not a folder, no permission.
         """
+        if self.is_local:
+            self._check_local()
+            return
         probe = f".kfold-ray-probe-{os.getpid()}-{os.urandom(4).hex()}"
         try:
-            info = self.fs.get_file_info(self.root)
-            if info.type == pafs.FileType.File:
+            if self.fs.get_file_info(self.root).type == pafs.FileType.File:
                 raise StorageError(f"{self.what} {self.uri}: is a file, not a folder")
             self.write_bytes(probe, b"ok")
             if self.read_bytes(probe) != b"ok":
@@ -145,6 +147,16 @@ class Storage:
         except (OSError, pa.ArrowException) as e:
             raise StorageError(f"{self.what} {self.uri}: cannot write there ({_one_line(e)[:300]})"
                                ) from None
+
+    def _check_local(self) -> None:
+        path = Path(self.root)
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is path and not path.is_dir():
+            raise StorageError(f"{self.what} {self.uri}: is a file, not a folder")
+        if existing is None or not existing.is_dir():
+            raise StorageError(f"{self.what} {self.uri}: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"{self.what} {self.uri}: no permission to write in {existing}")
 
     # ---- reading ----------------------------------------------------------------------------
     def info(self, name: str) -> pafs.FileInfo:

@@ -12,8 +12,12 @@ types, numpy comparisons) and, only when it fails, a slow pass to find the first
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import posixpath
+import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,8 +26,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 
-from ._exceptions import DatasetError
+from ._exceptions import DatasetError, StorageError
+from ._storage import is_uri
 
 #: How far (pixels) a box may reach outside its image and still be accepted (then clipped).
 BOX_TOLERANCE_PX = 1.0
@@ -59,18 +66,106 @@ def _fail(path: str, section: str, i: int, item: Any, problem: str) -> DatasetEr
     return DatasetError(f"{_at(section, i, item)}: {problem}", path=path)
 
 
-# ---- the document -----------------------------------------------------------------------------
-def read_document(path: Path) -> tuple[bytes, dict[str, Any]]:
-    """The json file's bytes and its parsed top-level object."""
-    p = str(path)
+# ---- storage ----------------------------------------------------------------------------------
+# The annotations json and the images may sit on a local disk (or a mount) or behind any
+# ``pyarrow.fs`` filesystem (an object store): local files are read with plain os calls, the
+# others through the filesystem; every message names the file by its absolute path or URI.
+_CREDENTIAL_IN_QUERY = re.compile(r"((?:secret_key|session_token|access_key)=)[^&#]*", re.I)
+_MISSING_BUCKET_FS = frozenset({"s3", "gcs"})  # stores whose first path component is a bucket
+
+
+def shown(location: str) -> str:
+    """``location`` for messages: credentials given in a URI's ``?query`` are masked."""
+    return _CREDENTIAL_IN_QUERY.sub(r"\1***", location) if "?" in location else location
+
+
+def _split_query(location: str) -> tuple[str, str]:
+    if "?" in location and is_uri(location):
+        base, query = location.split("?", 1)
+        return base, "?" + query
+    return location, ""
+
+
+def join(root: str, name: str) -> str:
+    """``root/name`` for a folder path, filesystem path or URI (a URI's ``?query`` stays last).
+
+    ``name`` is relative (checked by `parse_images`); one with ``.`` or empty parts is
+    normalized, as a local OS would resolve it and as object keys are usually written.
+    """
+    if "./" in name or "//" in name or name.endswith(("/", ".")):
+        name = posixpath.normpath(name)
+    base, query = _split_query(root)
+    return f"{base.rstrip('/')}/{name}{query}"
+
+
+def parent(location: str) -> str:
+    """The folder of a file's absolute path or URI."""
+    base, query = _split_query(location)
+    if not is_uri(base):
+        return os.path.dirname(base) or "/"
+    return base.rstrip("/").rsplit("/", 1)[0] + query
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _missing_bucket(fs: pafs.FileSystem, path: str) -> str | None:
+    """The bucket of ``path`` if the store has no such bucket (else None: the key is missing)."""
+    if fs.type_name not in _MISSING_BUCKET_FS:
+        return None
+    bucket = path.split("/", 1)[0]
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError("annotations file not found", path=p) from None
-    except IsADirectoryError:
-        raise DatasetError("annotations path is a folder, not a json file", path=p) from None
-    except OSError as exc:
-        raise DatasetError(f"cannot read annotations file: {exc.strerror or exc}", path=p) from None
+        return bucket if fs.get_file_info(bucket).type == pafs.FileType.NotFound else None
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def remote_info(fs: pafs.FileSystem, path: str, what: str, location: str) -> pafs.FileInfo:
+    """``fs.get_file_info(path)``; StorageError (one line naming ``location``) when the store
+    cannot be reached (credentials, endpoint, network) or the bucket does not exist."""
+    try:
+        info = fs.get_file_info(path)
+    except (OSError, pa.ArrowException) as e:
+        raise StorageError(f"{what} {shown(location)}: cannot read the storage ({_one_line(e)[:300]}); "
+                           "check its credentials and endpoint") from None  # fmt: skip
+    if info.type == pafs.FileType.NotFound and (bucket := _missing_bucket(fs, path)):
+        raise StorageError(f"{what} {shown(location)}: bucket {bucket!r} does not exist")
+    return info
+
+
+# ---- the document -----------------------------------------------------------------------------
+def read_document(fs: pafs.FileSystem, path: str, location: str) -> tuple[bytes, dict[str, Any]]:
+    """The json file's bytes and its parsed top-level object.
+
+    ``path`` is the file's path in ``fs``; ``location`` its absolute path or URI (for messages).
+    """
+    p = shown(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise DatasetError("annotations file not found", path=p) from None
+        except IsADirectoryError:
+            raise DatasetError("annotations path is a folder, not a json file", path=p) from None
+        except OSError as exc:
+            raise DatasetError(f"cannot read annotations file: {exc.strerror or exc}", path=p) from None
+    else:
+        info = remote_info(fs, path, "annotations", location)
+        if info.type == pafs.FileType.NotFound:
+            raise DatasetError("annotations file not found", path=p)
+        if info.type != pafs.FileType.File:
+            raise DatasetError("annotations path is a folder, not a json file", path=p)
+        try:
+            with fs.open_input_file(path) as f:
+                raw = f.read()
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(f"cannot read annotations file: {_one_line(exc)[:300]}", path=p) from None
+    return raw, parse_document(raw, p)
+
+
+def parse_document(raw: bytes, p: str) -> dict[str, Any]:
+    """The json's top-level object; ``p`` names the file in messages."""
     if not raw.strip():
         raise DatasetError("annotations file is empty", path=p)
     try:
@@ -85,7 +180,7 @@ def read_document(path: Path) -> tuple[bytes, dict[str, Any]]:
         raise DatasetError(f"not UTF-8 text (byte {exc.start}): {exc.reason}", path=p) from None
     if not isinstance(doc, dict):
         raise DatasetError(f"top level must be a json object, got {_kind(doc)}", path=p)
-    return raw, doc
+    return doc
 
 
 def sections(doc: Mapping[str, Any], path: str) -> tuple[list, list, list]:
@@ -339,25 +434,65 @@ def _iscrowd(items: list, path: str) -> np.ndarray:
 # ---- image files ------------------------------------------------------------------------------
 _CHUNK = 64
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that Detectron2's read_image turns by 90 degrees
+#: Bytes read from the start of a JPEG for its header (markers up to the start of scan: size,
+#: EXIF). Read more, up to the whole file, when the header runs past them (large ICC/XMP/EXIF).
+HEAD_BYTES = 64 << 10
+_GROW_BYTES = 1 << 20
+#: Bytes read from the end of a JPEG for its end-of-image marker.
+TAIL_BYTES = 1024
+_JPEG_MAGIC = b"\xff\xd8\xff"
+#: Threads for the file checks: local files are cheap, remote stores are latency-bound.
+LOCAL_THREADS = min(16, 4 * (os.cpu_count() or 1))
+REMOTE_THREADS = 64
 
 
-def check_image_files(root: Path, images: ImageTable, *, decode: bool, path: str) -> np.ndarray:
+class ImageFiles:
+    """The files under an image root: a local folder (or mount), or a folder of a pyarrow
+    filesystem (``s3://bucket/prefix``, ...).
+
+    Attributes:
+        fs: the filesystem; root: the folder's path in it; location: its absolute path or URI.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, root: str, location: str) -> None:
+        self.fs, self.root, self.location = fs, root, location
+        self.local = isinstance(fs, pafs.LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        """The path of image ``name`` in ``fs``."""
+        return join(self.root, name)
+
+    def location_of(self, name: str) -> str:
+        """Image ``name`` as an absolute path or URI, for messages."""
+        return shown(join(self.location, name))
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole file (raises OSError / FileNotFoundError as the filesystem does)."""
+        if self.local:
+            with open(self.path(name), "rb") as f:
+                return f.read()
+        with self.fs.open_input_file(self.path(name)) as f:
+            return f.read()
+
+
+def check_image_files(files: ImageFiles, images: ImageTable, *, decode: bool, path: str) -> np.ndarray:
     """int64 (N,) byte size of each image file; raises on the first image (json order) at fault.
 
-    Always stats every file (missing file, not a file). With ``decode``, also opens each one:
-    readable header, size (after EXIF rotation, as Detectron2 reads it) equal to the json's,
-    ``verify()`` (PNG: every chunk's CRC), and a JPEG must end with its end-of-image marker.
-    Runs in a thread pool (the work is file I/O and C code).
+    Always looks every file up (missing file, not a file). With ``decode``, also reads each
+    one's header: readable, size (after EXIF rotation, as Detectron2 reads it) equal to the
+    json's; a JPEG must end with its end-of-image marker (a ranged read of its last bytes); a PNG
+    is read whole for ``verify()`` (every chunk's CRC). Pixels are never decoded. Runs in a
+    thread pool (file I/O, network and C code): more threads for a remote store.
     """
-    if not root.is_dir():
-        what = "does not exist" if not root.exists() else "is not a folder"
-        raise DatasetError(f"image root {what}", path=str(root))
+    _check_root(files)
     n = len(images.file_names)
     sizes = np.empty(n, dtype=np.int64)
-    starts = range(0, n, _CHUNK)
-    pool = ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1)))
+    threads = LOCAL_THREADS if files.local else REMOTE_THREADS
+    chunk = max(1, min(_CHUNK, -(-n // (4 * threads))))  # small datasets: use every thread too
+    starts = range(0, n, chunk)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kfold-ray-check")
     try:
-        jobs = pool.map(lambda s: _check_chunk(root, images, s, decode), starts)
+        jobs = pool.map(lambda s: _check_chunk(files, images, s, chunk, decode), starts)
         for start, (chunk_sizes, fault) in zip(starts, jobs):
             if fault is not None:
                 i, problem, bad_file = fault
@@ -369,62 +504,169 @@ def check_image_files(root: Path, images: ImageTable, *, decode: bool, path: str
     return sizes
 
 
-def _check_chunk(root: Path, images: ImageTable, start: int, decode: bool):
+def _check_root(files: ImageFiles) -> None:
+    where = shown(files.location)
+    if files.local:
+        if not os.path.isdir(files.root):
+            what = "does not exist" if not os.path.exists(files.root) else "is not a folder"
+            raise DatasetError(f"image root {what}", path=where)
+        return
+    kind = remote_info(files.fs, files.root, "image root", files.location).type
+    if kind == pafs.FileType.NotFound:
+        raise DatasetError("image root does not exist", path=where)
+    if kind != pafs.FileType.Directory:
+        raise DatasetError("image root is not a folder", path=where)
+
+
+def _check_chunk(files: ImageFiles, images: ImageTable, start: int, chunk: int, decode: bool):
     sizes = []
-    for i in range(start, min(start + _CHUNK, len(images.file_names))):
+    for i in range(start, min(start + chunk, len(images.file_names))):
         want = (int(images.widths[i]), int(images.heights[i]))
-        size, problem, bad_file = _check_file(root, images.file_names[i], want, decode)
+        size, problem, bad_file = _check_file(files, images.file_names[i], want, decode)
         if problem is not None:
             return sizes, (i, problem, bad_file)
         sizes.append(size)
     return sizes, None
 
 
-def _check_file(root: Path, name: str, want: tuple[int, int], decode: bool):
-    """(byte size, problem or None, the image path when the file itself is at fault or None)."""
-    full = root / name
+class _Missing(Exception):
+    """The file is not there (``directory``: a folder is)."""
+
+    def __init__(self, directory: bool) -> None:
+        self.directory = directory
+
+
+def _check_file(files: ImageFiles, name: str, want: tuple[int, int], decode: bool):
+    """(byte size, problem or None, the image's location when the file itself is at fault)."""
     try:
-        st = full.stat()
-    except FileNotFoundError:
+        with _open(files, name, decode) as (size, read):
+            if not decode:
+                return size, None, None
+            try:
+                got = _image_size(read, size, files.location_of(name))
+            except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
+                detail = _one_line(exc)
+                return -1, f"corrupt or unreadable image {show(name)}: {detail}", files.location_of(name)
+    except _Missing as m:
+        root = shown(files.location)
+        if m.directory:
+            return -1, f"{show(name)} under image root {root} is not a file", None
         hint = " (it uses '\\'; write '/' between folders)" if "\\" in name else ""
         return -1, f"file {show(name)} not found under image root {root}{hint}", None
-    except OSError as exc:
-        return -1, f"cannot read file {show(name)}: {exc.strerror or exc}", str(full)
-    if not stat.S_ISREG(st.st_mode):
-        return -1, f"{show(name)} under image root {root} is not a file", None
-    if not decode:
-        return st.st_size, None, None
-    try:
-        got = _image_size(full, st.st_size)
-    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        return -1, f"corrupt or unreadable image {show(name)}: {detail}", str(full)
+    except (OSError, pa.ArrowException) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)[:300]
+        return -1, f"cannot read file {show(name)}: {cause}", files.location_of(name)
     if got[:2] != want:
         turned = " after its EXIF rotation" if got[2] else ""
         msg = (f"'width'/'height' {want[0]}x{want[1]} do not match the file {show(name)}, "
                f"which is {got[0]}x{got[1]}{turned}")  # fmt: skip
         return -1, msg, None
-    return st.st_size, None, None
+    return size, None, None
 
 
-def _image_size(full: Path, nbytes: int) -> tuple[int, int, bool]:
-    """(width, height, turned) as Detectron2 will read the image; raises if the file is bad."""
+@contextlib.contextmanager
+def _open(files: ImageFiles, name: str, decode: bool):
+    """Yield (byte size, ``read(nbytes, offset) -> bytes``) of a regular file, or raise
+    `_Missing`. Without ``decode`` only the size is looked up (``read`` is None)."""
+    full = files.path(name)
+    if files.local:
+        try:
+            st = os.stat(full)
+        except FileNotFoundError:
+            raise _Missing(directory=False) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise _Missing(directory=True)
+        if not decode:
+            yield st.st_size, None
+            return
+        fd = os.open(full, os.O_RDONLY)
+        try:
+            yield st.st_size, lambda nbytes, offset: os.pread(fd, nbytes, offset)
+        finally:
+            os.close(fd)
+        return
+    if not decode:
+        info = files.fs.get_file_info(full)
+        if info.type != pafs.FileType.File:
+            raise _Missing(directory=info.type == pafs.FileType.Directory)
+        yield info.size, None
+        return
+    try:  # one request for the size (and existence) ...
+        f = files.fs.open_input_file(full)
+    except (OSError, pa.ArrowException):
+        kind = files.fs.get_file_info(full).type  # ... and one more only when it fails
+        if kind != pafs.FileType.File:
+            raise _Missing(directory=kind == pafs.FileType.Directory) from None
+        raise
+    with f:
+        yield f.size(), f.read_at
+
+
+class _Named(io.BytesIO):
+    """Image bytes that PIL's messages name by the file's location (as when opened by path)."""
+
+    def __init__(self, data: bytes, location: str) -> None:
+        super().__init__(data)
+        self.location = location
+
+    def __repr__(self) -> str:
+        return repr(self.location)
+
+
+def _image_size(read, nbytes: int, location: str) -> tuple[int, int, bool]:
+    """(width, height, turned) as Detectron2 will read the image; raises if the file is bad.
+
+    A JPEG is judged by its header (the bytes up to the start of scan, usually within the first
+    `HEAD_BYTES`) and its last `TAIL_BYTES` (end-of-image marker): a ranged read of each. Other
+    formats are read whole: PNG ``verify()`` checks every chunk's CRC, and WebP/TIFF may keep
+    their EXIF after the pixels. Nothing is decoded.
+    """
+    data = read(min(nbytes, HEAD_BYTES), 0)
+    if not data.startswith(_JPEG_MAGIC):
+        data += _read_more(read, len(data), nbytes - len(data))
+    while True:
+        whole = len(data) >= nbytes
+        try:
+            got = _header(data, location, whole)
+        except Exception:  # a header cut by our read, or a bad file: only the whole file says
+            if whole:
+                raise
+            got = None
+        if got is not None:
+            break
+        more = _read_more(read, len(data), min(nbytes, max(4 * len(data), _GROW_BYTES)) - len(data))
+        if not more:  # the file shrank under us: judge what there is
+            nbytes = len(data)
+        data += more
+    w, h, fmt, turned = got
+    if fmt == "JPEG":
+        tail = data[-TAIL_BYTES:] if len(data) >= nbytes else read(TAIL_BYTES, nbytes - TAIL_BYTES)
+        if b"\xff\xd9" not in tail:
+            raise OSError("truncated JPEG (no end-of-image marker)")
+    return (h, w, True) if turned else (w, h, False)
+
+
+def _read_more(read, offset: int, nbytes: int) -> bytes:
+    return read(nbytes, offset) if nbytes > 0 else b""
+
+
+def _header(data: bytes, location: str, whole: bool) -> tuple[int, int, str, bool] | None:
+    """(width, height, format, EXIF turns it) from ``data``; None when a JPEG header runs past
+    it (``whole``: ``data`` is the entire file, then ``verify()`` runs too)."""
     from PIL import Image  # Pillow is only needed when images are checked
 
-    with Image.open(full) as im:
-        w, h = im.size
+    with Image.open(_Named(data, location)) as im:
         fmt = im.format
+        if not whole and not (fmt == "JPEG" and im.tile):  # start of scan not reached yet
+            return None
+        w, h = im.size
         # PNG keeps EXIF after the pixels, and getexif() would decode them all: use it only
         # when the header already carried it.
         has_exif = fmt != "PNG" or "exif" in im.info
         turned = has_exif and im.getexif().get(0x0112) in _SWAPS_SIDES
-        im.verify()
-    if fmt == "JPEG":
-        with open(full, "rb") as f:
-            f.seek(max(0, nbytes - 1024))
-            if b"\xff\xd9" not in f.read():
-                raise OSError("truncated JPEG (no end-of-image marker)")
-    return (h, w, True) if turned else (w, h, False)
+        if whole:
+            im.verify()
+    return w, h, fmt, turned
 
 
 # ---- soft problems ----------------------------------------------------------------------------

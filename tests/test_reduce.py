@@ -205,7 +205,8 @@ def test_store_round_trip_keeps_rows_and_image_indices(tmp_path):
     b1 = _batch(2, [30, 7], rng, dets_per_image=0)
     p0 = store.put(b0, seq=0)
     store.put(b1, seq=1)
-    assert p0 == tmp_path / "parts" / "fold_002" / "00000000.arrow"
+    assert p0 == "parts/fold_002/00000000.arrow"
+    assert (tmp_path / p0).is_file()
     table, images = store.read_fold(2)
     assert table.equals(pa.Table.from_batches([b0, b1]).replace_schema_metadata(None))
     assert images.tolist() == [4, 9, 1, 30, 7]
@@ -220,7 +221,7 @@ def test_store_ignores_leftover_tmp_files(tmp_path):
     store = FoldPartStore(tmp_path)
     rng = np.random.default_rng(0)
     store.put(_batch(0, [1, 2], rng), seq=0)
-    d = store.fold_dir(0)
+    d = tmp_path / store.fold_dir(0)
     (d / ".00000001.arrow.k3j2.tmp").write_bytes(b"half a file")
     (d / "00000007.arrow.tmp").write_bytes(b"junk")
     assert store.next_seq(0) == 1
@@ -251,7 +252,8 @@ def test_a_failed_write_leaves_no_part(tmp_path, monkeypatch):
     monkeypatch.setattr(pa.ipc, "new_file", Boom)
     with pytest.raises(OSError, match="disk full"):
         store.put(_batch(0, [1, 2], rng, dets_per_image=2), seq=0)
-    assert list(store.fold_dir(0).iterdir()) == []
+    d = tmp_path / store.fold_dir(0)
+    assert not d.exists() or list(d.iterdir()) == []
     assert store.covered_images(0).size == 0
 
 
@@ -265,9 +267,9 @@ def test_a_batch_without_metadata_is_refused(tmp_path):
 def test_a_part_from_another_fold_is_refused(tmp_path):
     store = FoldPartStore(tmp_path)
     rng = np.random.default_rng(0)
-    path = store.put(_batch(1, [3], rng), seq=0)
-    store.fold_dir(0).mkdir(parents=True)
-    path.rename(store.fold_dir(0) / path.name)  # a part misplaced by hand
+    path = tmp_path / store.put(_batch(1, [3], rng), seq=0)
+    (tmp_path / store.fold_dir(0)).mkdir(parents=True)
+    path.rename(tmp_path / store.fold_dir(0) / path.name)  # a part misplaced by hand
     with pytest.raises(StitchError, match="holds a batch of fold 1, not fold 0"):
         store.read_fold(0)
 

@@ -1,0 +1,90 @@
+"""A fold's checkpoints: written on the node's local disk, kept in the run's storage.
+
+A fold trains in a scratch folder on whatever node Ray placed it (Detectron2 writes checkpoints
+and its log there, as it expects a local ``OUTPUT_DIR``). After every checkpoint the new file is
+uploaded to ``folds/fold_XXX/`` of the run's storage, then ``last_checkpoint`` naming it (in that
+order, so storage never names a checkpoint it does not hold), and the log. A retry, on any node,
+first pulls the latest checkpoint and the log from storage, so Detectron2 resumes from it and the
+log goes on where it stopped. Only the newest ``keep`` checkpoints are kept, here and there.
+
+The layout is Detectron2's own (``last_checkpoint`` holds the file name of the latest
+``model_*.pth``), so a fold folder copied out of storage works with Detectron2's tools as is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ._storage import Storage
+
+LAST = "last_checkpoint"
+LOG = "log.txt"
+_MODEL_RE = re.compile(r"^model_(\d+|final)\.pth$")
+
+
+class CheckpointSync:
+    """Mirror a fold's local Detectron2 ``OUTPUT_DIR`` into its folder in the run's storage."""
+
+    def __init__(self, storage: Storage, local_dir: str | Path, *, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.storage = storage
+        self.local_dir = Path(local_dir)
+        self.keep = keep
+        self._pushed: str | None = None
+
+    def pull(self) -> str | None:
+        """Copy the latest checkpoint (and the log) from storage; return its file name or None."""
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        if self.storage.is_file(LOG):
+            self.storage.get_file(LOG, self.local_dir / LOG)
+        if not self.storage.is_file(LAST):
+            return None
+        name = self.storage.read_text(LAST).strip()
+        if not _MODEL_RE.match(name) or not self.storage.is_file(name):
+            return None  # never happens with our upload order; a hand-edited folder trains anew
+        self.storage.get_file(name, self.local_dir / name)
+        (self.local_dir / LAST).write_text(name)
+        self._pushed = name
+        return name
+
+    def latest_local(self) -> str | None:
+        last = self.local_dir / LAST
+        return last.read_text().strip() if last.is_file() else None
+
+    def push(self) -> bool:
+        """Upload the newest local checkpoint if it is new; prune old ones. True if uploaded."""
+        name = self.latest_local()
+        if not name or name == self._pushed or not (self.local_dir / name).is_file():
+            return False
+        self.storage.put_file(self.local_dir / name, name)
+        self.storage.write_text(LAST, name)
+        self._pushed = name
+        self.push_log()
+        self._prune()
+        return True
+
+    def push_log(self) -> None:
+        log = self.local_dir / LOG
+        if log.is_file():
+            self.storage.put_file(log, LOG)
+
+    def _prune(self) -> None:
+        for where in ("local", "storage"):
+            names = (sorted(p.name for p in self.local_dir.iterdir()) if where == "local"
+                     else self.storage.list_names())
+            models = sorted((n for n in names if _MODEL_RE.match(n) and n != "model_final.pth"),
+                            key=_iteration)
+            for old in models[:-self.keep]:
+                if old == self._pushed:
+                    continue
+                if where == "local":
+                    (self.local_dir / old).unlink(missing_ok=True)
+                else:
+                    self.storage.delete(old)
+
+
+def _iteration(name: str) -> int:
+    m = _MODEL_RE.match(name)
+    return int(m.group(1)) if m and m.group(1).isdigit() else -1

@@ -1,0 +1,197 @@
+"""The run dir: its layout and its state, in the run's storage (a local folder or a URI).
+
+Every file a later step, a retry on another node or a resume needs lives here; this module is the
+one place that names them::
+
+    run.json                  state: run name, fingerprint, status (running / finished)
+    config.json               what the run was made from (dataset location, CVConfig, versions)
+    folds.json                the fold plan (read back on --resume, never recomputed)
+    weights/                  MODEL.WEIGHTS, fetched once by the driver, read by every fold
+    folds/fold_000/           a fold's checkpoints (newest kept), last_checkpoint, log.txt
+    parts/fold_000/           streamed prediction batches (Arrow IPC) and DONE.json
+    predictions.parquet  cleanlab_predictions.pkl  cleanlab_labels.pkl  coco_results.json
+    categories.json  metrics.json  label_issues.parquet/.csv  report/index.html
+    in_sample/                the same layout, for the in-sample baseline
+
+Nothing is relative to a process' working directory: a local run dir is made absolute on the
+driver, and on a cluster it must be a URI or a mount every node shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import ConfigError, ResumeError
+from ._storage import Storage
+
+if TYPE_CHECKING:
+    from ._config import CVConfig
+    from ._dataset import CocoDataset
+    from ._folds import FoldPlan
+
+RUN_STATE = "run.json"
+CONFIG = "config.json"
+FOLD_PLAN = "folds.json"
+METRICS = "metrics.json"
+WEIGHTS = "weights"
+PARTS = "parts"
+FOLD_WORK = "folds"
+IN_SAMPLE = "in_sample"
+REPORT = "report"
+DONE = "DONE.json"
+PREDICTIONS_PARQUET = "predictions.parquet"
+CLEANLAB_PREDICTIONS = "cleanlab_predictions.pkl"
+CLEANLAB_LABELS = "cleanlab_labels.pkl"
+COCO_RESULTS = "coco_results.json"
+CATEGORIES = "categories.json"
+LABEL_ISSUES_PARQUET = "label_issues.parquet"
+LABEL_ISSUES_CSV = "label_issues.csv"
+OUTPUT_FILES = (PREDICTIONS_PARQUET, CLEANLAB_PREDICTIONS, CLEANLAB_LABELS, COCO_RESULTS,
+                CATEGORIES, METRICS, FOLD_PLAN)
+
+
+def fold_parts(fold: int) -> str:
+    """Folder of a fold's streamed prediction parts."""
+    return f"{PARTS}/fold_{int(fold):03d}"
+
+
+def fold_work(fold: int) -> str:
+    """Folder of a fold's checkpoints and Detectron2 log."""
+    return f"{FOLD_WORK}/fold_{int(fold):03d}"
+
+
+def default_location(dataset: "CocoDataset") -> str:
+    """``runs/<annotations stem>-<time>`` under the current folder (absolute)."""
+    stem = re.sub(r"\.json$", "", str(dataset.annotations_path).rstrip("/").rsplit("/", 1)[-1])
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.abspath(os.path.join("runs", f"{stem}-{stamp}"))
+
+
+def run_name(storage: Storage) -> str:
+    """Ray actor names and Detectron2 dataset names of this run: unique, simple characters."""
+    digest = hashlib.sha1(storage.uri.encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]+', '-', storage.name)[:40]}-{digest}"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- creating or reopening ------------------------------------------------------------------------
+def prepare(storage: Storage, dataset: "CocoDataset", config: "CVConfig", plan: "FoldPlan", *,
+            resume: bool, fingerprint: str) -> "FoldPlan":
+    """Create the run dir (or reopen it, with ``resume``); return the fold plan to run.
+
+    A new run dir must be empty; its plan, config and state are written first. A resumed one
+    must hold a run made from the same inputs (``fingerprint``); its plan is read back from
+    ``folds.json`` (a custom splitter need not be seeded to resume).
+    """
+    if resume:
+        return _reopen(storage, dataset, fingerprint)
+    if not storage.is_empty():
+        raise ConfigError(f"run dir {storage.uri} is not empty: pass --resume to finish the run in it, "
+                          "or choose another --run-dir")
+    write_plan(storage, plan)
+    storage.write_json(CONFIG, config_record(dataset, config))
+    storage.write_json(RUN_STATE, {
+        "run_name": run_name(storage), "fingerprint": fingerprint,
+        "dataset_fingerprint": dataset.fingerprint, "status": "running", "started": now(),
+    })
+    return plan
+
+
+def _reopen(storage: Storage, dataset: "CocoDataset", fingerprint: str) -> "FoldPlan":
+    if not storage.is_file(RUN_STATE):
+        raise ResumeError(f"{storage.uri}: no run to resume here (no {RUN_STATE}); drop --resume to start one")
+    state = read_state(storage)
+    if state.get("fingerprint") != fingerprint:
+        raise ResumeError(
+            f"{storage.uri}: this run dir was made from another dataset or configuration "
+            f"(dataset {str(state.get('dataset_fingerprint', '?'))[:12]} vs {dataset.fingerprint[:12]}); "
+            "resume with the same inputs, or choose a new --run-dir"
+        )
+    plan = read_plan(storage)
+    plan.check_matches(dataset)
+    return plan
+
+
+def read_state(storage: Storage) -> dict[str, Any]:
+    try:
+        state = storage.read_json(RUN_STATE)
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{storage.uri_of(RUN_STATE)}: unreadable run state ({e})") from e
+    if not isinstance(state, dict):
+        raise ResumeError(f"{storage.uri_of(RUN_STATE)}: run state is not a JSON object")
+    return state
+
+
+def mark_finished(storage: Storage, state: dict[str, Any]) -> None:
+    storage.write_json(RUN_STATE, {**state, "status": "finished", "finished": now()})
+
+
+def write_plan(storage: Storage, plan: "FoldPlan") -> None:
+    storage.write_json(FOLD_PLAN, plan.to_json(), indent=None)
+
+
+def read_plan(storage: Storage) -> "FoldPlan":
+    """The fold plan of a run dir; ResumeError naming the file when it cannot be used."""
+    from ._folds import FoldPlan
+
+    where = storage.uri_of(FOLD_PLAN)
+    try:
+        doc = storage.read_json(FOLD_PLAN)
+    except FileNotFoundError:
+        raise ResumeError(f"{where}: no fold plan there") from None
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{where}: cannot read the fold plan: {e}") from None
+    try:
+        return FoldPlan.from_json(doc)
+    except ResumeError as e:
+        raise ResumeError(f"{where}: {e}") from None
+
+
+def config_record(dataset: "CocoDataset", config: "CVConfig") -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "kfold_ray_version": __version__,
+        "annotations": str(dataset.annotations_path),
+        "image_root": str(dataset.image_root),
+        "dataset_fingerprint": dataset.fingerprint,
+        "num_images": dataset.num_images,
+        "num_classes": dataset.num_classes,
+        "config": config.to_json(),
+        "versions": versions(),
+    }
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("ray", "torch", "torchvision", "detectron2", "pycocotools", "cleanlab", "numpy", "pyarrow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def fingerprint(dataset: "CocoDataset", config: "CVConfig", *, weights_id: str = "") -> str:
+    """What decides a run's predictions: the dataset, the split, the seed, the model and its
+    weights, the score threshold. How the run is scheduled (GPUs/CPUs per fold, retries,
+    checkpoint period, batch size) may change on --resume. The fold plan itself is read back
+    from folds.json on resume."""
+    import json
+
+    decides = {
+        "dataset": dataset.fingerprint, "k": config.k, "split": config.split, "seed": config.seed,
+        "train": config.to_json()["train"], "score_threshold": config.predict.score_threshold,
+        "weights": weights_id,
+    }
+    blob = json.dumps(decides, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()

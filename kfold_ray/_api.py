@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -261,14 +262,17 @@ def _run_and_stitch(dataset: CocoDataset, plan, job, backend: FoldBackend, progr
     from ._progress import ProgressBoard
     from ._reduce import Reducer
 
-    reducer = Reducer(job.storage)
     board = ProgressBoard(plan.k, enabled=progress)
-    try:
-        fold_info = run_folds(dataset=dataset, plan=plan, job=job, backend=backend,
-                              reducer=reducer, board=board)
-    finally:
-        board.close()
-    return reducer.finish(plan.fold_of_image, dataset.num_images), fold_info
+    with tempfile.TemporaryDirectory(prefix="kfold-ray-parts-") as cache:
+        reducer = Reducer(job.storage, cache_dir=cache)
+        try:
+            fold_info = run_folds(dataset=dataset, plan=plan, job=job, backend=backend,
+                                  reducer=reducer, board=board)
+        finally:
+            board.close()
+        # The stitched table is gathered into new arrays: nothing points into the cache after.
+        table = reducer.finish(plan.fold_of_image, dataset.num_images)
+    return table, fold_info
 
 
 @dataclass(frozen=True)

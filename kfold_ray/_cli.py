@@ -38,12 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--group-field", default=None, help="image field holding the group (split=group)")
 
     ex = sub.add_parser("example", help="run the whole pipeline on the built-in digits example")
-    ex.add_argument("--run-dir", type=Path, default=Path("runs/example"))
+    ex.add_argument("--run-dir", default="runs/example",
+                    help="a path, or a URI on a cluster: the example data then goes beside it "
+                         "(<run-dir>-data) in the same storage, where every node reads it")
     ex.add_argument("--images", type=int, default=150, help="number of example images")
     ex.add_argument("-k", type=int, default=3)
     ex.add_argument("--max-iter", type=int, default=150, help="training iterations per fold")
     ex.add_argument("--gpus-per-fold", type=float, default=1.0)
     ex.add_argument("--resume", action="store_true")
+    ex.add_argument("--address", default=None, help="Ray cluster address (as for run)")
 
     # ---- report (label issues): kfold_ray._report, kfold_ray._report_page ----
     rep = sub.add_parser("report", help="rank likely label errors of a finished run; write report/index.html")
@@ -147,15 +150,35 @@ def _example(args) -> int:
     from ._api import run_cv
     from ._example import make_digits_example
 
-    data_dir = Path(args.run_dir).parent / f"{Path(args.run_dir).name}-data"
-    example = make_digits_example(data_dir, n_images=args.images)
-    print(f"example dataset: {example.annotations_path} ({args.images} images, injected label errors "
-          f"listed in {example.injected_errors_path})")
+    from ._storage import Storage, is_uri
+
+    run_dir = args.run_dir.rstrip("/")
+    if is_uri(run_dir):
+        # Worker nodes see nothing of this machine's disk: the data goes to the run's storage.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="kfold-ray-example-") as tmp:
+            local = make_digits_example(Path(tmp), n_images=args.images)
+            data = Storage(f"{run_dir}-data", what="example data")
+            data.check_usable()
+            for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+                data.put_file(f, f.relative_to(tmp).as_posix())
+        annotations = data.uri_of(local.annotations_path.relative_to(tmp).as_posix())
+        image_root = data.uri_of(local.image_dir.relative_to(tmp).as_posix())
+        errors = data.uri_of(local.injected_errors_path.relative_to(tmp).as_posix())
+    else:
+        data_dir = Path(run_dir).parent / f"{Path(run_dir).name}-data"
+        example = make_digits_example(data_dir, n_images=args.images)
+        annotations, image_root, errors = (example.annotations_path, example.image_dir,
+                                           example.injected_errors_path)
+    print(f"example dataset: {annotations} ({args.images} images, injected label errors "
+          f"listed in {errors})")
     result = run_cv(
-        example.annotations_path, args.k, image_root=example.image_dir, model="tiny",
+        annotations, args.k, image_root=image_root, model="tiny",
         overrides=["SOLVER.MAX_ITER", str(args.max_iter),
                    "SOLVER.STEPS", f"({int(args.max_iter * 0.8)},)"],
-        gpus_per_fold=args.gpus_per_fold, run_dir=args.run_dir, resume=args.resume,
+        gpus_per_fold=args.gpus_per_fold, run_dir=run_dir, resume=args.resume,
+        address=args.address,
     )
     _print_summary(result)
     return EXIT_OK

@@ -42,6 +42,7 @@ STREAM_BACKPRESSURE_BATCHES = 16
 @dataclass
 class _Fold:
     fold: int
+    holdout: np.ndarray
     attempt: int = 0
     actor: Any = None
     started: float = field(default_factory=time.monotonic)
@@ -70,7 +71,7 @@ def run_folds(*, dataset: CocoDataset, plan: FoldPlan, job: FoldJob, backend: Fo
         board.note(f, "done (resumed from run dir)")
     streams: dict[Any, _Fold] = {}
     for f in pending:
-        state = _Fold(f)
+        state = _Fold(f, plan.holdout_indices(f))
         streams[_launch(state, dataset_ref, plan, job, backend, reducer)] = state
     info: dict[int, dict[str, Any]] = {}
     try:
@@ -98,6 +99,9 @@ def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
     try:
         event = ray.get(next(stream))
     except StopIteration:
+        missing = np.setdiff1d(state.holdout, reducer.covered_images(state.fold))
+        if missing.size:  # a stream that ended early: never DONE, retried like a crash
+            return _on_failure(state, _EndedEarly(state.fold, missing), board, config)
         seconds = time.monotonic() - state.started
         info[state.fold] = {"attempts": state.attempt + 1, "seconds": round(seconds, 1),
                             "errors": state.errors}
@@ -114,7 +118,16 @@ def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
     return stream
 
 
-def _on_failure(state: _Fold, error: RayError, board: ProgressBoard, config: CVConfig):
+class _EndedEarly(Exception):
+    """A fold's stream ended without predictions for all of its held-out images."""
+
+    def __init__(self, fold: int, missing: np.ndarray) -> None:
+        shown = ", ".join(map(str, missing[:10].tolist())) + (", ..." if missing.size > 10 else "")
+        super().__init__(f"fold {fold} stopped with {missing.size} held-out images unpredicted "
+                         f"(image indices {shown})")
+
+
+def _on_failure(state: _Fold, error: Exception, board: ProgressBoard, config: CVConfig):
     cause = _describe(error)
     state.errors.append(cause)
     _kill(state)
@@ -126,14 +139,14 @@ def _on_failure(state: _Fold, error: RayError, board: ProgressBoard, config: CVC
     return _RELAUNCH
 
 
-def _would_fail_again(error: RayError) -> bool:
+def _would_fail_again(error: Exception) -> bool:
     """Errors a retry cannot fix: the same batch size runs out of memory again, the node cannot
     read the images, the weights or the config are wrong."""
     return isinstance(error, RayTaskError) and isinstance(
         error.cause, (FoldOutOfMemoryError, ImageReadError, ConfigError))
 
 
-def _describe(error: RayError) -> str:
+def _describe(error: Exception) -> str:
     if isinstance(error, RayTaskError):
         cause = error.cause if error.cause is not None else error
         return f"{type(cause).__name__}: {' '.join(str(cause).split())[:500]}"
@@ -144,7 +157,7 @@ def _launch(state: _Fold, dataset_ref, plan: FoldPlan, job: FoldJob, backend: Fo
             reducer: Reducer):
     """Start (or restart) a fold's actor; return its prediction stream."""
     fold, config = state.fold, job.config
-    already = reducer.store.covered_images(fold)
+    already = reducer.covered_images(fold)
     holdout = plan.holdout_indices(fold)
     task = FoldTask(
         run_name=job.run_name,

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -40,10 +43,17 @@ _SHOW = 10  # image indices named in a StitchError message, per kind of problem
 
 
 class FoldPartStore:
-    """The persisted prediction batches of every fold, under ``parts/`` of the run's storage."""
+    """The persisted prediction batches of every fold, under ``parts/`` of the run's storage.
 
-    def __init__(self, run_dir: Storage | str | os.PathLike[str]) -> None:
+    With an object store, the parts this process writes are also kept in a local cache folder:
+    stitching then reads them from the local disk (memory-mapped), and only the parts of earlier
+    sessions (a resumed run) come back over the network.
+    """
+
+    def __init__(self, run_dir: Storage | str | os.PathLike[str], *,
+                 cache_dir: str | os.PathLike[str] | None = None) -> None:
         self.storage = run_dir if isinstance(run_dir, Storage) else Storage(run_dir)
+        self.cache = Path(cache_dir) if cache_dir is not None and not self.storage.is_local else None
 
     # ---- names ------------------------------------------------------------------------------
     def fold_dir(self, fold: int) -> str:
@@ -78,8 +88,18 @@ class FoldPartStore:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
-        self.storage.write_bytes(name, sink.getvalue().to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        self.storage.write_bytes(name, data)
+        if self.cache is not None:
+            cached = self.cache / name
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_bytes(data)  # after the upload: the cache never holds what storage lacks
         return name
+
+    def _open(self, name: str) -> pa.NativeFile:
+        if self.cache is not None and (self.cache / name).is_file():
+            return pa.memory_map(str(self.cache / name), "r")
+        return self.storage.open_input_file(name)
 
     def mark_fold_done(self, fold: int, info: Mapping[str, Any]) -> str:
         """Write ``parts/fold_XXX/DONE.json`` (atomically): the fold predicted all its images."""
@@ -91,6 +111,8 @@ class FoldPartStore:
         """Delete a fold's parts and DONE marker (e.g. before re-predicting it with a new model)."""
         for p in self.part_paths(fold):
             self.storage.delete(p)
+            if self.cache is not None:
+                (self.cache / p).unlink(missing_ok=True)
         self.storage.delete(f"{self.fold_dir(fold)}/{_DONE}")
 
     # ---- reading ----------------------------------------------------------------------------
@@ -137,7 +159,7 @@ class FoldPartStore:
 
     def _read_part(self, name: str) -> pa.Table:
         try:
-            table = pa.ipc.open_file(self.storage.open_input_file(name)).read_all()
+            table = pa.ipc.open_file(self._open(name)).read_all()
         except (pa.ArrowInvalid, OSError) as e:
             raise StitchError(f"{self.storage.uri_of(name)}: unreadable prediction part: {e}") from e
         _check_batch(table)
@@ -145,7 +167,7 @@ class FoldPartStore:
 
     def _part_images(self, name: str) -> np.ndarray:
         try:
-            schema = pa.ipc.open_file(self.storage.open_input_file(name)).schema
+            schema = pa.ipc.open_file(self._open(name)).schema
         except (pa.ArrowInvalid, OSError) as e:
             raise StitchError(f"{self.storage.uri_of(name)}: unreadable prediction part: {e}") from e
         return batch_image_indices(schema.empty_table())
@@ -328,17 +350,26 @@ def _show(indices: np.ndarray) -> str:
 class Reducer:
     """Persist prediction batches as they arrive (any fold, any order), then stitch them.
 
-    Only per-fold counts stay in memory; batches go to ``run_dir/parts`` at once. A run dir that
-    already holds parts (a resumed run) is picked up: counts and sequence numbers continue.
-    Not thread-safe: call it from one thread (the driver's consuming loop).
+    Only per-fold counts stay in memory; batches go to the run's ``parts/`` at once. A run dir
+    that already holds parts (a resumed run) is picked up: counts and sequence numbers continue.
+    Call it from one thread (the driver's consuming loop).
+
+    On an object store one upload is a round trip (~15 ms to moto here, more to S3), which would
+    cap the driver at a few dozen batches/s: up to ``uploads`` batches are then uploaded side by
+    side, in background threads. A fold is marked DONE, its covered images counted and the parts
+    read back only after its uploads have all landed, so nothing counts as persisted before it is.
     """
 
-    def __init__(self, run_dir: Storage | str | os.PathLike[str]) -> None:
-        self.store = FoldPartStore(run_dir)
+    def __init__(self, run_dir: Storage | str | os.PathLike[str], *,
+                 cache_dir: str | os.PathLike[str] | None = None, uploads: int = 8) -> None:
+        self.store = FoldPartStore(run_dir, cache_dir=cache_dir)
         self._next_seq: dict[int, int] = {}
         self._images: dict[int, int] = {}
         self._detections: dict[int, int] = {}
         self._on_disk = self.store.folds()  # counted when first asked for (reads part metadata)
+        self._uploads = uploads if not self.store.storage.is_local else 0
+        self._pool = ThreadPoolExecutor(self._uploads, "kfold-ray-upload") if self._uploads else None
+        self._pending: deque[tuple[int, Future]] = deque()
 
     def _load_fold(self, fold: int) -> None:
         self._next_seq[fold] = self.store.next_seq(fold)
@@ -346,25 +377,49 @@ class Reducer:
         self._detections.setdefault(fold, 0)
 
     def add(self, batch: pa.RecordBatch) -> str:
-        """Persist one batch; return the part's path."""
+        """Persist one batch (or start its upload); return the part's name."""
         _check_batch(batch)
         fold = batch_fold(batch)
         if fold not in self._next_seq:
+            self.flush(fold)
             self._load_fold(fold)
-        path = self.store.put(batch, seq=self._next_seq[fold])
+        seq = self._next_seq[fold]
+        name = f"{self.store.fold_dir(fold)}/{seq:08d}.arrow"
+        if self._pool is None:
+            self.store.put(batch, seq=seq)
+        else:
+            while len(self._pending) >= 2 * self._uploads:
+                self._pending.popleft()[1].result()  # bounded: raises an upload's error here
+            self._pending.append((fold, self._pool.submit(self.store.put, batch, seq=seq)))
         self._next_seq[fold] += 1
         self._images[fold] += int(batch_image_indices(batch).size)
         self._detections[fold] += batch.num_rows
-        return path
+        return name
+
+    def flush(self, fold: int | None = None) -> None:
+        """Wait until the uploads (of ``fold``, or all) have landed; raise the first error."""
+        keep: deque[tuple[int, Future]] = deque()
+        while self._pending:
+            f, future = self._pending.popleft()
+            if fold is None or f == fold:
+                future.result()
+            else:
+                keep.append((f, future))
+        self._pending = keep
+
+    def covered_images(self, fold: int) -> np.ndarray:
+        """int64 sorted: the fold's images whose predictions are persisted."""
+        self.flush(fold)
+        return self.store.covered_images(fold)
 
     def images_received(self, fold: int) -> int:
-        """Images persisted so far for ``fold`` (including parts from before a resume)."""
+        """Images received so far for ``fold`` (including parts from before a resume)."""
         if fold not in self._images and self.store.storage.is_dir(self.store.fold_dir(fold)):
             self._load_fold(fold)
         return self._images.get(fold, 0)
 
     def progress(self) -> dict[int, int]:
-        """fold -> images persisted so far, for every fold seen (in this process or on disk)."""
+        """fold -> images received so far, for every fold seen (in this process or on disk)."""
         for fold in self._on_disk:
             if fold not in self._images:
                 self._load_fold(fold)
@@ -375,10 +430,22 @@ class Reducer:
         return self._detections.get(fold, 0)
 
     def mark_fold_done(self, fold: int, info: Mapping[str, Any]) -> str:
+        self.flush(fold)
         return self.store.mark_fold_done(fold, info)
 
     def finish(self, fold_of_image: np.ndarray, num_images: int) -> pa.Table:
         """Read every fold's parts back and `stitch` them (see there for checks and order)."""
+        self.close()
         fold_of_image = np.asarray(fold_of_image)
         folds = set(np.unique(fold_of_image).tolist()) | set(self.store.folds())
         return stitch({f: self.store.read_fold(f) for f in sorted(folds)}, fold_of_image, num_images)
+
+    def close(self) -> None:
+        """Wait for every upload, then stop the upload threads."""
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+                self._uploads = 0

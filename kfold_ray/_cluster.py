@@ -77,11 +77,17 @@ def _one_line(e: BaseException) -> str:
 
 
 def _cluster_on_this_node() -> bool:
-    """True when ``ray start`` left a cluster address on this node (Ray's own lookup)."""
+    """True when a cluster started by ``ray start`` runs on this node (Ray's own lookup: the
+    address ``ray start`` left in its temp dir), and its GCS process is still alive (a cluster
+    killed without ``ray stop`` leaves the address behind)."""
     try:
-        from ray._private.services import canonicalize_bootstrap_address
+        from ray._private.services import canonicalize_bootstrap_address, find_gcs_addresses
 
-        return canonicalize_bootstrap_address(None) is not None
+        address = canonicalize_bootstrap_address(None)
+        if address is None:
+            return False
+        port = address.rsplit(":", 1)[-1]
+        return any(str(a).rsplit(":", 1)[-1] == port for a in find_gcs_addresses())
     except Exception:  # noqa: BLE001 - a private API: if it moved, behave like a fresh machine
         return False
 

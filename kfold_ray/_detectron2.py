@@ -7,6 +7,8 @@ Detectron2, torch and the compat layer are imported lazily, so ``import kfold_ra
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import queue
@@ -14,6 +16,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -74,6 +77,14 @@ def _import_detectron2():
 
     install_import_hook()
     import detectron2  # noqa: F401
+
+    with warnings.catch_warnings():
+        # detectron2 0.6's model zoo imports pkg_resources and its layers call torch.jit.script:
+        # both warn on every start, about code that is not ours, on the user's console.
+        warnings.filterwarnings("ignore", message=r".*pkg_resources is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
+        import detectron2.model_zoo  # noqa: F401
+        import detectron2.modeling  # noqa: F401
 
     from . import _d2files
 
@@ -225,10 +236,15 @@ def _fetch(spec: str) -> Path:
         return path
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # an unreachable host must fail within seconds, not hang
+    quiet = logging.getLogger("iopath")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the failure is reported once, by us, as one line
     try:
-        return Path(PathManager.get_local_path(spec))
+        with contextlib.redirect_stderr(io.StringIO()):  # iopath's download progress bar
+            return Path(PathManager.get_local_path(spec))
     finally:
         socket.setdefaulttimeout(previous)
+        quiet.setLevel(level)
 
 
 def _local_weights(weights: str, scratch: Path) -> str | None:
@@ -342,8 +358,12 @@ def _train(cfg, fold: int, sync: CheckpointSync | None = None):
     (hooks cannot yield). Returns the trained model.
     """
     from detectron2.engine import DefaultTrainer
+    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
+    # Python, numpy and torch from the fold's seed: the model's initial weights, the training
+    # sampler's order (it draws its seed from numpy) and the loader workers' augmentation.
+    seed_all_rng(cfg.SEED)
     trainer = DefaultTrainer(cfg)
     trainer.resume_or_load(resume=True)  # last_checkpoint in OUTPUT_DIR, else MODEL.WEIGHTS
     start, max_iter = trainer.start_iter, trainer.max_iter

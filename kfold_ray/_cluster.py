@@ -93,11 +93,27 @@ def _cluster_on_this_node() -> bool:
 
 
 def _use_token_auth_if_available() -> None:
-    """Choose ``RAY_AUTH_MODE=token`` when the user has not set a mode and a token exists."""
+    """Choose ``RAY_AUTH_MODE=token`` when the user has not set a mode and a token exists.
+
+    Ray itself does this only for ``ray.init()`` without an address; an explicit address or
+    RAY_ADDRESS would fail with InvalidAuthToken. Ray caches its config at import, so the mode
+    is switched the way Ray does it (env + config refresh), not by the env var alone.
+    """
     if os.environ.get("RAY_AUTH_MODE"):
         return
     token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file():
+    if not (os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file()):
+        return
+    try:
+        from ray._private.authentication import authentication_token_setup as auth
+
+        quiet = logging.getLogger(auth.__name__)
+        level, quiet.level = quiet.level, logging.ERROR  # its banner is not our user's business
+        try:
+            auth._enable_token_auth()
+        finally:
+            quiet.setLevel(level)
+    except (ImportError, AttributeError):  # another Ray: the variable is all there is
         os.environ["RAY_AUTH_MODE"] = "token"
 
 

@@ -44,13 +44,15 @@ def cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 900) -> sub
 
 def test_a_full_run_with_data_and_run_dir_on_s3(private_cluster, tmp_path):
     s3 = private_cluster.s3
+    cwd = tmp_path / "cwd"  # the driver's working directory: nothing may land here
+    cwd.mkdir()
     ann, _ = make_coco(private_cluster.driver_only_dir / "data", n_images=8, categories=2,
                        size=(64, 64))
     ann_uri, images_uri = upload_dataset(s3, ann.parent)
     run_uri = s3.uri("runs", "first")
     done = cli("run", "--annotations", ann_uri, "--images", images_uri, "-k", "2",
                "--run-dir", run_uri, "--model", "tiny", "--checkpoint-period", "3",
-               "--opts", *TINY, env=private_cluster.driver_env(address=True), cwd=tmp_path)
+               "--opts", *TINY, env=private_cluster.driver_env(address=True), cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(joined)" in done.stderr, done.stderr[-2000:]
     keys = set(s3.keys("runs/first/"))
@@ -64,14 +66,14 @@ def test_a_full_run_with_data_and_run_dir_on_s3(private_cluster, tmp_path):
     metrics = json.loads(s3.read("runs/first/metrics.json"))
     assert metrics["launch"]["gpus_per_fold"] == 1.0 and metrics["launch"]["cpus_per_fold"] == 2.0
     # Nothing landed on the driver's disk: no folder named after the URI, no relative run dir.
-    assert list(tmp_path.iterdir()) == []
+    assert list(cwd.iterdir()) == []
 
     # The report reads and writes the S3 run dir too.
-    report = cli("report", run_uri, "--top", "3", env=private_cluster.driver_env(), cwd=tmp_path)
+    report = cli("report", run_uri, "--top", "3", env=private_cluster.driver_env(), cwd=cwd)
     assert report.returncode == 0, report.stderr[-3000:]
     keys = set(s3.keys("runs/first/"))
     assert {"runs/first/label_issues.parquet", "runs/first/report/index.html"} <= keys
-    assert list(tmp_path.iterdir()) == []
+    assert list(cwd.iterdir()) == []
 
 
 def test_a_fold_whose_node_dies_resumes_on_a_new_node_from_its_uploaded_checkpoint(

@@ -120,7 +120,6 @@ class CocoDataset:
         """The bytes of image ``index`` file (see `read_image_bytes`)."""
         return read_image_bytes(self, index)
 
-
     # ---- per-image annotations --------------------------------------------------------------
     def annotations_of(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(boxes float32 (L, 4) xyxy, classes int64 (L,), iscrowd bool (L,)) of image ``index``."""

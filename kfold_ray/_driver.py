@@ -34,6 +34,11 @@ from ._storage import Storage
 
 log = logging.getLogger(__name__)
 
+# A fold whose node was lost is relaunched after this long: Ray marks a lost node dead
+# after ~5 failed health checks 3 s apart (up to ~25 s with their timeouts), and a relaunch placed
+# on it before then dies again (seen in tests/test_on_a_cluster.py with 10 s).
+NODE_LOSS_RELAUNCH_DELAY_S = 30.0
+
 # Prediction batches a fold may have in flight before it waits for the driver: bounds
 # object-store use when the driver (persisting to disk) is slower than the folds.
 STREAM_BACKPRESSURE_BATCHES = 16
@@ -47,6 +52,7 @@ class _Fold:
     actor: Any = None
     started: float = field(default_factory=time.monotonic)
     errors: list[str] = field(default_factory=list)
+    relaunch_at: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,15 +80,22 @@ def run_folds(*, dataset: CocoDataset, plan: FoldPlan, job: FoldJob, backend: Fo
         state = _Fold(f, plan.holdout_indices(f))
         streams[_launch(state, dataset_ref, plan, job, backend, reducer)] = state
     info: dict[int, dict[str, Any]] = {}
+    delayed: list[_Fold] = []  # folds to relaunch once their relaunch_at has come
     try:
-        while streams:
+        while streams or delayed:
+            for state in [s for s in delayed if s.relaunch_at <= time.monotonic()]:
+                delayed.remove(state)
+                streams[_launch(state, dataset_ref, plan, job, backend, reducer)] = state
+            if not streams:
+                time.sleep(0.2)
+                continue
             ready, _ = ray.wait(list(streams), num_returns=1, timeout=1.0)
             for stream in ready:
                 state = streams.pop(stream)
                 next_stream = _advance(stream, state, reducer, board, info, config)
                 if next_stream is _RELAUNCH:
-                    next_stream = _launch(state, dataset_ref, plan, job, backend, reducer)
-                if next_stream is not None:
+                    delayed.append(state)
+                elif next_stream is not None:
                     streams[next_stream] = state
     finally:
         for state in streams.values():
@@ -134,9 +147,17 @@ def _on_failure(state: _Fold, error: Exception, board: ProgressBoard, config: CV
     if state.attempt >= config.failure.max_retries or _would_fail_again(error):
         raise FoldFailedError(state.fold, cause, attempts=state.attempt + 1) from None
     state.attempt += 1
+    state.relaunch_at = time.monotonic() + (NODE_LOSS_RELAUNCH_DELAY_S if _node_lost(error) else 0.0)
     board.note(state.fold, f"failed ({cause}); retry {state.attempt}/{config.failure.max_retries}")
     log.warning("fold %d failed (%s); retrying from its last checkpoint", state.fold, cause)
     return _RELAUNCH
+
+
+def _node_lost(error: Exception) -> bool:
+    """The fold's node is unreachable or dead (not just its process: that relaunches at once)."""
+    from ray.exceptions import ActorUnavailableError, NodeDiedError
+
+    return isinstance(error, (ActorUnavailableError, NodeDiedError)) or "node has died" in str(error)
 
 
 def _would_fail_again(error: Exception) -> bool:

@@ -177,13 +177,19 @@ def _font(size: int):
 
 
 def _load_image(dataset, index: int):
-    """The image as RGB, EXIF-rotated as Detectron2 reads it; a grey canvas if it cannot be read."""
+    """The image as RGB, EXIF-rotated as Detectron2 reads it; a grey canvas if it cannot be read.
+
+    Read through the image root's filesystem: a local folder or a URI (``s3://...``)."""
+    import io
+
     from PIL import Image, ImageOps
 
+    from ._dataset import read_image_bytes
+
     try:
-        with Image.open(dataset.image_path(index)) as im:
+        with Image.open(io.BytesIO(read_image_bytes(dataset, index))) as im:
             return ImageOps.exif_transpose(im).convert("RGB"), True
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # pyarrow's errors are OSErrors / ValueErrors too
         size = (int(dataset.widths[index]), int(dataset.heights[index]))
         return Image.new("RGB", size, (90, 90, 90)), False
 

@@ -157,3 +157,14 @@ def edit_coco(path: Path, mutate: Callable[[dict[str, Any]], Any]) -> dict[str, 
     mutate(doc)
     write_coco(path, doc)
     return doc
+
+
+def upload_tree(local: Path, uri: str) -> str:
+    """Copy the folder ``local`` (e.g. a `make_coco` root) to ``uri`` (``s3://bucket/prefix``)
+    through ``pyarrow.fs``, keeping relative names; return ``uri``."""
+    import pyarrow.fs as pafs
+
+    dest, prefix = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(local), prefix, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=dest)  # fmt: skip
+    return uri.rstrip("/")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import pickle
 import re
 import shutil
@@ -12,11 +14,12 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from cocofactory import AWKWARD_NAME, coco_dict, edit_coco, make_coco, read_coco, write_coco
+from cocofactory import AWKWARD_NAME, coco_dict, edit_coco, make_coco, read_coco, upload_tree, write_coco
 from PIL import Image
 
-from kfold_ray._dataset import CocoDataset, load_coco
-from kfold_ray._exceptions import DatasetError
+from kfold_ray import _validate
+from kfold_ray._dataset import CocoDataset, load_coco, read_image_bytes
+from kfold_ray._exceptions import DatasetError, StorageError
 
 
 @pytest.fixture
@@ -121,7 +124,9 @@ def test_image_extras_kept_as_plain_dicts(tmp_path):
 def test_non_ascii_file_name_in_subfolder(awkward):
     _, img_dir, ds = awkward
     assert AWKWARD_NAME in ds.file_names
-    assert ds.image_path(ds.file_names.index(AWKWARD_NAME)) == img_dir / AWKWARD_NAME
+    i = ds.file_names.index(AWKWARD_NAME)
+    assert ds.image_path(i) == str(img_dir / AWKWARD_NAME)
+    assert ds.read_image_bytes(i) == (img_dir / AWKWARD_NAME).read_bytes()
 
 
 def test_image_root_defaults_to_the_json_folder(tmp_path):
@@ -129,8 +134,8 @@ def test_image_root_defaults_to_the_json_folder(tmp_path):
     moved = img_dir / "instances.json"
     shutil.move(ann, moved)
     ds = load_coco(str(moved))
-    assert ds.image_root == img_dir and ds.annotations_path == moved
-    assert ds.image_root.is_absolute()
+    assert ds.image_root == str(img_dir) and ds.annotations_path == str(moved)
+    assert type(ds.image_root) is str and Path(ds.image_root).is_absolute()
 
 
 def test_boxes_within_one_pixel_outside_are_clipped(tmp_path):
@@ -436,3 +441,271 @@ def test_cocofactory_dict_round_trips(tmp_path):
     doc = coco_dict(awkward=True)
     write_coco(tmp_path / "x.json", doc)
     assert read_coco(tmp_path / "x.json") == json.loads(json.dumps(doc))
+
+
+# ---- images and annotations in an object store (a local moto S3 server) -------------------------
+@pytest.fixture
+def bucket(s3) -> str:
+    """``s3://<a new bucket>`` on the session's moto server (conftest's `s3`: the AWS variables
+    of this process point at it while the test runs)."""
+    return s3.uri()
+
+
+def _error(fn: Callable[[], Any], kind: type[Exception] = DatasetError) -> Exception:
+    with pytest.raises(kind) as info:
+        fn()
+    assert "\n" not in str(info.value) and "\r" not in str(info.value)
+    return info.value
+
+
+def test_s3_dataset_loads_like_its_local_copy(tmp_path, bucket):
+    """Annotations and images on S3: the same dataset, fingerprint included, as the local copy."""
+    import pyarrow.fs as pafs
+
+    ann, img_dir = make_coco(tmp_path, awkward=True)
+    _to_jpeg(ann, img_dir, 0, orientation=3)  # a JPEG too (EXIF 3: turned 180, same sides)
+    local = load_coco(ann, img_dir)
+    data = upload_tree(tmp_path, f"{bucket}/data")
+    ds = load_coco(f"{data}/annotations.json", f"{data}/images")
+    assert ds.fingerprint == local.fingerprint
+    assert load_coco(f"{data}/annotations.json", f"{data}/images", check_images=False).fingerprint == local.fingerprint
+    assert (ds.annotations_path, ds.image_root) == (f"{data}/annotations.json", f"{data}/images")
+    i = ds.file_names.index(AWKWARD_NAME)
+    assert ds.image_path(i) == f"{data}/images/{AWKWARD_NAME}"
+    assert ds.read_image_bytes(i) == local.read_image_bytes(i) == (img_dir / AWKWARD_NAME).read_bytes()
+    np.testing.assert_array_equal(ds.boxes, local.boxes)
+    # pickled as plain strings; the unpickled copy opens the store itself
+    back = pickle.loads(pickle.dumps(ds))
+    assert "S3FileSystem" not in repr(pickle.dumps(ds))
+    fs, path = back.image_filesystem(i)
+    assert isinstance(fs, pafs.S3FileSystem) and path == f"{data[5:]}/images/{AWKWARD_NAME}"
+    assert back.image_filesystem(i)[0] is fs  # cached per process
+    assert read_image_bytes(f"{data}/images", "img_00000.jpg") == (img_dir / "img_00000.jpg").read_bytes()
+    from kfold_ray._report_page import _load_image  # the report's overlays read through the store
+
+    image, readable = _load_image(back, i)
+    assert readable and image.size == (int(ds.widths[i]), int(ds.heights[i]))
+
+
+def test_s3_image_root_defaults_to_the_json_folder(tmp_path, bucket):
+    ann, img_dir = make_coco(tmp_path)
+    shutil.move(ann, img_dir / "instances.json")
+    data = upload_tree(img_dir, f"{bucket}/imgs")
+    ds = load_coco(f"{data}/instances.json")
+    assert ds.image_root == data and ds.num_images == 12
+    assert ds.image_path(0) == f"{data}/img_00000.png"
+
+
+def _spoils() -> list[Any]:
+    ids = ["image-missing", "image-is-folder", "image-not-an-image", "image-truncated-png",
+           "image-png-bad-crc", "image-truncated-jpeg", "image-size-mismatch", "image-exif-turned"]  # fmt: skip
+    return [p for p in BAD if p.id in ids]
+
+
+@pytest.mark.parametrize("spoil, pattern, fault", _spoils())
+def test_s3_bad_image_same_one_line_error_as_local(tmp_path, bucket, spoil, pattern, fault):
+    ann, img_dir = make_coco(tmp_path / "d")
+    spoil(ann, img_dir)
+    if (img_dir / "img_00004.png").is_dir():  # an object store has no empty folders
+        (img_dir / "img_00004.png" / "x.png").write_bytes(b"x")
+    here = _error(lambda: load_coco(ann, img_dir))
+    data = upload_tree(tmp_path / "d", f"{bucket}/d")
+    there = _error(lambda: load_coco(f"{data}/annotations.json", f"{data}/images"))
+    assert re.search(pattern, there.message), there.message
+    to_s3 = lambda text: text.replace(str(tmp_path / "d"), data)  # noqa: E731
+    assert (there.message, there.path) == (to_s3(here.message), to_s3(here.path))
+
+
+def _big_jpeg(path: Path, size: tuple[int, int] = (400, 300), *, icc: int = 0, orientation: int = 0) -> bytes:
+    """A JPEG of noise (hundreds of KiB), optionally with a large ICC profile ahead of its pixels
+    (its header then runs past HEAD_BYTES) and an EXIF orientation."""
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    extra = {"icc_profile": bytes(icc)} if icc else {}
+    im.save(path, quality=95, exif=exif.tobytes(), **extra)
+    return path.read_bytes()
+
+
+def _with_big_jpegs(tmp_path: Path) -> tuple[Path, Path]:
+    def big(d):
+        d["images"][0].update(file_name="big.jpg", width=400, height=300)
+        d["images"][1].update(file_name="big_icc.jpg", width=800, height=1000)  # EXIF 6: turned
+        d["annotations"] = [a for a in d["annotations"] if a["image_id"] > 2]
+
+    ann, img_dir = make_coco(tmp_path, mutate=big)
+    _big_jpeg(img_dir / "big.jpg")
+    data = _big_jpeg(img_dir / "big_icc.jpg", (1000, 800), icc=150_000, orientation=6)
+    assert data.index(b"\xff\xda") > _validate.HEAD_BYTES  # start of scan past the first read
+    return ann, img_dir
+
+
+@pytest.mark.filterwarnings("ignore:.*no \\(non-crowd\\) annotations")
+def test_large_jpegs_are_judged_by_ranged_reads(tmp_path, monkeypatch):
+    ann, img_dir = _with_big_jpegs(tmp_path)
+    read: dict[int, list[tuple[int, int]]] = {}
+    real_pread = os.pread
+
+    def pread(fd, n, offset):
+        read.setdefault(os.fstat(fd).st_size, []).append((n, offset))
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    ds = load_coco(ann, img_dir)
+    assert ds.widths[:2].tolist() == [400, 800]
+    big = (img_dir / "big.jpg").stat().st_size
+    assert big > 2 * _validate.HEAD_BYTES
+    assert read[big] == [(_validate.HEAD_BYTES, 0), (_validate.TAIL_BYTES, big - _validate.TAIL_BYTES)]
+    icc = (img_dir / "big_icc.jpg").stat().st_size
+    assert sum(n for n, _ in read[icc]) < icc  # grew past the ICC profile, not to the whole file
+    # a large truncated JPEG is still caught, by its tail
+    data = (img_dir / "big.jpg").read_bytes()
+    (img_dir / "big.jpg").write_bytes(data[: len(data) * 7 // 10])
+    err = _error(lambda: load_coco(ann, img_dir))
+    assert err.message.endswith('"big.jpg": truncated JPEG (no end-of-image marker)')
+
+
+@pytest.mark.filterwarnings("ignore:.*no \\(non-crowd\\) annotations")
+@pytest.mark.parametrize("whole_below", [None, 0], ids=["small-read-whole", "ranged-reads"])
+def test_large_jpegs_on_s3(tmp_path, bucket, monkeypatch, whole_below):
+    if whole_below is not None:
+        monkeypatch.setattr(_validate, "REMOTE_WHOLE_BYTES", whole_below)
+    ann, img_dir = _with_big_jpegs(tmp_path / "d")
+    data = upload_tree(tmp_path / "d", f"{bucket}/d")
+    ds = load_coco(f"{data}/annotations.json", f"{data}/images")
+    assert ds.widths[:2].tolist() == [400, 800] and ds.fingerprint == load_coco(ann, img_dir).fingerprint
+    whole = (img_dir / "big.jpg").read_bytes()
+    fs, path = ds.image_filesystem(0)
+    with fs.open_output_stream(path) as f:
+        f.write(whole[:-5000])
+    err = _error(lambda: load_coco(f"{data}/annotations.json", f"{data}/images"))
+    assert err.message == 'images[0] (id 1): corrupt or unreadable image "big.jpg": truncated JPEG (no end-of-image marker)'
+    assert err.path == f"{data}/images/big.jpg"
+
+
+def test_s3_missing_annotations_or_image_root(tmp_path, bucket):
+    ann, img_dir = make_coco(tmp_path)
+    data = upload_tree(tmp_path, f"{bucket}/data")
+    err = _error(lambda: load_coco(f"{data}/nope.json"))
+    assert (err.message, err.path) == ("annotations file not found", f"{data}/nope.json")
+    err = _error(lambda: load_coco(f"{data}/annotations.json", f"{data}/no_images"))
+    assert (err.message, err.path) == ("image root does not exist", f"{data}/no_images")
+    err = _error(lambda: load_coco(f"{data}/images"))
+    assert err.message == "annotations path is a folder, not a json file"
+
+
+def test_s3_missing_bucket_is_one_line_naming_the_location(tmp_path, bucket):
+    ann, img_dir = make_coco(tmp_path)
+    data = upload_tree(tmp_path, f"{bucket}/data")
+    err = _error(lambda: load_coco("s3://no-such-bucket-kfold/data/annotations.json"), StorageError)
+    assert str(err) == ("annotations s3://no-such-bucket-kfold/data/annotations.json: "
+                        "bucket 'no-such-bucket-kfold' does not exist")  # fmt: skip
+    err = _error(lambda: load_coco(f"{data}/annotations.json", "s3://no-such-bucket-kfold/images"),
+                 StorageError)  # fmt: skip
+    assert str(err) == "image root s3://no-such-bucket-kfold/images: bucket 'no-such-bucket-kfold' does not exist"
+    assert isinstance(err, ValueError)  # a bad-input error: the CLI prints one line, exit code 2
+
+
+def test_s3_bad_credentials_are_one_line_naming_the_location(monkeypatch):
+    from clusters import AWS_CONFLICTING_VARS, S3Server
+
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")  # a server that checks every request's keys
+    with S3Server() as server:
+        for name in AWS_CONFLICTING_VARS:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {**server.env, "AWS_ACCESS_KEY_ID": "nope", "AWS_SECRET_ACCESS_KEY": "nope"}.items():
+            monkeypatch.setenv(name, value)
+        err = _error(lambda: load_coco("s3://kfold-data/data/annotations.json"), StorageError)
+    assert str(err).startswith("annotations s3://kfold-data/data/annotations.json: cannot read the storage (")
+    assert "ACCESS_DENIED" in str(err) and str(err).endswith("check its credentials and endpoint")
+
+
+def test_unknown_scheme_and_shortened_uri_are_one_line():
+    err = _error(lambda: load_coco("nosuch://bucket/annotations.json"), StorageError)
+    assert str(err).startswith("annotations 'nosuch://bucket/annotations.json': cannot open storage")
+    err = _error(lambda: load_coco(Path("s3://bucket/annotations.json")), StorageError)
+    assert "pass URIs as str" in str(err)
+
+
+def test_file_uri_is_a_local_path(tmp_path):
+    ann, img_dir = make_coco(tmp_path)
+    ds = load_coco(ann.as_uri(), img_dir.as_uri())
+    assert (ds.annotations_path, ds.image_root) == (str(ann), str(img_dir))
+    assert ds.fingerprint == load_coco(ann, img_dir).fingerprint
+
+
+def test_dataset_built_with_paths_keeps_strings(tmp_path):
+    ann, img_dir = make_coco(tmp_path)
+    ds = load_coco(ann, img_dir)
+    fields = {f: getattr(ds, f) for f in CocoDataset.__dataclass_fields__}
+    again = CocoDataset(**{**fields, "annotations_path": ann, "image_root": img_dir})
+    assert again.image_root == str(img_dir) and again.image_path(0) == str(img_dir / "img_00000.png")
+    assert read_image_bytes(again, 0) == (img_dir / "img_00000.png").read_bytes()
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    """JPEGs as cameras and tools write them: modes, progressive, EXIF orientations, ICC, XMP..."""
+    rng = np.random.default_rng(3)
+    base = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    out = {}
+    for orientation in range(0, 9):
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        exif[0x010F] = "camera"  # Make: another IFD0 tag around it
+        out[f"exif-{orientation}"] = exif.tobytes()
+    variants = {}
+    for name, exif in out.items():
+        for mode in ("RGB", "L", "CMYK"):
+            for extra in ({}, {"progressive": True}, {"icc_profile": bytes(300)}, {"dpi": (300, 300)},
+                          {"comment": b"hello"}, {"subsampling": 0, "optimize": True},
+                          {"xmp": b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'}):  # fmt: skip
+                buf = io.BytesIO()
+                base.convert(mode).save(buf, format="JPEG", exif=exif, **extra)
+                variants[f"{name}-{mode}-{'-'.join(extra) or 'plain'}"] = buf.getvalue()
+    return variants
+
+
+def _pillow_header(data: bytes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return (*im.size, im.getexif().get(0x0112) or 0)
+        except Exception:  # noqa: BLE001 - any failure: the fast path must not have said ok
+            return "error"
+
+
+def test_fast_jpeg_header_agrees_with_pillow():
+    """The marker reader that spares Pillow's Python parser gives Pillow's size and orientation,
+    or steps aside; also on headers with random bytes changed."""
+    rng = np.random.default_rng(0)
+    read = 0
+    for name, data in _jpeg_variants().items():
+        fast = _validate.jpeg_header(data, Image.MAX_IMAGE_PIXELS)
+        if fast is not None:
+            read += 1
+            assert fast == _pillow_header(data), name
+        else:
+            assert "xmp" in name, name  # XMP may carry an orientation: Pillow reads those
+        sos = data.index(b"\xff\xda")
+        for _ in range(40):
+            spoilt = bytearray(data)
+            for at in rng.integers(2, sos + 4, size=int(rng.integers(1, 4))):
+                spoilt[at] = int(rng.integers(256))
+            fast = _validate.jpeg_header(bytes(spoilt), Image.MAX_IMAGE_PIXELS)
+            if isinstance(fast, tuple):
+                assert fast == _pillow_header(bytes(spoilt)), (name, bytes(spoilt[:sos + 4]).hex())
+    assert read >= 160
+
+
+def test_remote_check_opens_a_client_per_connection_pool(bucket):
+    """One pyarrow S3 client keeps 25 requests in flight: 64 threads get 3 clients."""
+    from kfold_ray._storage import open_location
+
+    files = _validate.ImageFiles(*open_location(f"{bucket}/x")[:2], f"{bucket}/x")
+    clients = _validate._clients(files, -(-_validate.REMOTE_THREADS // _validate.REMOTE_CONNECTIONS))
+    assert len(clients) == 3 and len({id(c.fs) for c in clients}) == 3
+    assert {(c.root, c.location) for c in clients} == {(files.root, files.location)}

@@ -102,8 +102,10 @@ def test_a_fold_whose_node_dies_resumes_on_a_new_node_from_its_uploaded_checkpoi
             driver.kill()
     assert driver.returncode == 0, out[-4000:]
     metrics = json.loads(s3.read("runs/node-loss/metrics.json"))
-    retried = [f for f, info in metrics["folds_run"].items() if info["attempts"] == 2]
+    retried = [f for f, info in metrics["folds_run"].items() if info["attempts"] > 1]
     assert len(retried) == 1, (lost.name, metrics["folds_run"])
+    # One node lost costs one retry (the relaunch waits until Ray has marked the node dead).
+    assert metrics["folds_run"][retried[0]]["attempts"] == 2, metrics["folds_run"]
     log = s3.read(f"runs/node-loss/folds/fold_{int(retried[0]):03d}/log.txt").decode()
     assert "attempt 1 on node" in log and "resuming from s3://" in log, log[-3000:]
     resumed_at = [line for line in log.splitlines() if "resumes training at iteration" in line]

@@ -60,10 +60,13 @@ def register() -> None:
 
 
 def _open_fs(uri: str):
-    from ._storage import open_location
+    """(filesystem, path) of a file URI; the filesystem is opened once per folder and process
+    (opening one per image would cost a region lookup per image on AWS)."""
+    from ._dataset import open_image_root
 
-    fs, path, _ = open_location(uri, what="file")
-    return fs, path
+    parent, name = uri.rstrip("/").rsplit("/", 1)
+    fs, root = open_image_root(parent)
+    return fs, f"{root}/{name}"
 
 
 def download(uri: str, cache: str | os.PathLike[str] | None = None) -> Path:

@@ -1,11 +1,27 @@
 #!/usr/bin/env bash
-# Creates ./.venv and installs everything kfold-ray and its tests need. Safe to run again: it
-# only does what is missing. Used by both README commands and by .ci/run.
+# Creates ./.venv and installs kfold-ray into it. Safe to run again: it only does what is missing.
+# Used by the README's commands, by .ci/run and by every node of cluster.yaml.
+#
+#   bash scripts/setup.sh          everything kfold-ray and its tests need (CI, development)
+#   bash scripts/setup.sh --node   only what a Ray cluster node runs: torch, Ray (default and train
+#                                  extras), kfold-ray and Detectron2; no test extras, no chromium
+#
+# Every package comes at the version pinned by constraints.txt (pip install -c), the versions CI
+# tested, on a fresh machine and on every cluster node alike. pyproject.toml holds the ranges;
+# after changing one, regenerate the pins with `bash scripts/lock.sh`.
 #
 #   KFOLD_RAY_DETECTRON2=auto|official|pypi-sdist   how to install Detectron2 (default auto; see
 #                                                  scripts/install_detectron2.py)
+#   PYTHON=...                                     interpreter for a new .venv (default python3.11,
+#                                                  else python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  "") mode=dev ;;
+  --node) mode=node ;;
+  -h | --help) sed -n '2,16p' "$0" | cut -c3-; exit 0 ;;
+  *) echo "usage: bash scripts/setup.sh [--node]" >&2; exit 2 ;;
+esac
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
@@ -13,7 +29,7 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
 # The report page is tested in a real headless browser: Debian's chromium, driven by Playwright
 # (never `playwright install`, which downloads a browser build from outside the registries).
-if ! command -v chromium >/dev/null; then
+if [ "$mode" = dev ] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] installing chromium (report page tests)" >&2
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
@@ -23,20 +39,27 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 
-# Re-run the installs only when the dependency list changed since the last successful set-up.
+# Re-run the installs only when the dependency list, the pins or the mode changed since the last
+# successful set-up.
 stamp=.venv/.kfold-ray-setup
-want=$(cat pyproject.toml scripts/setup.sh scripts/install_detectron2.py | sha256sum | cut -c1-16)
+inputs=(pyproject.toml constraints.txt scripts/setup.sh scripts/install_detectron2.py)
+want=$(cat "${inputs[@]}" | sha256sum | cut -c1-16)-$mode
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
 echo "[setup] installing into .venv (first time: a few minutes; torch is large)" >&2
-# torch first and pinned: these builds lie on this machine's disk; elsewhere pip downloads them.
-# torchvision is pinned with it because detectron2 needs it and it must match torch exactly.
+# torch first: its builds lie on this machine's disk; elsewhere pip downloads them. torchvision
+# comes with it because detectron2 needs it and it must match torch exactly (both pinned).
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
-  "${pip[@]}" install "torch==2.14.1" "torchvision==0.29.1" 2> >(grep -v "^WARNING: Location" >&2)
+  "${pip[@]}" install -c constraints.txt torch torchvision 2> >(grep -v "^WARNING: Location" >&2)
 fi
-"${pip[@]}" install -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
-.venv/bin/python scripts/install_detectron2.py
+if [ "$mode" = node ]; then
+  "${pip[@]}" install -c constraints.txt -e . 2> >(grep -v "^WARNING: Location" >&2)
+else
+  "${pip[@]}" install -c constraints.txt -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
+fi
+# Its pip runs (Detectron2's requirements) honour the same pins through PIP_CONSTRAINT.
+PIP_CONSTRAINT=constraints.txt .venv/bin/python scripts/install_detectron2.py
 echo "$want" > "$stamp"
-echo "[setup] ready: .venv" >&2
+echo "[setup] ready: .venv ($mode)" >&2

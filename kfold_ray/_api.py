@@ -129,7 +129,8 @@ def run_cv(
     batch_size: int = 8,
     amp: bool = True,
     max_retries: int = 2,
-    checkpoint_period: int = 500,
+    checkpoint_period: int | None = None,
+    keep_checkpoints: int = 2,
     address: str | None = None,
     resume: bool = False,
     in_sample: bool = False,
@@ -174,7 +175,8 @@ def run_cv(
         seed=seed, gpus_per_fold=gpus_per_fold, cpus_per_fold=cpus_per_fold,
         train=TrainConfig(model=model, overrides=tuple(overrides or ()), amp=amp),
         predict=PredictConfig(batch_size=batch_size, score_threshold=score_threshold, amp=amp),
-        failure=FailureConfig(max_retries=max_retries, checkpoint_period=checkpoint_period),
+        failure=FailureConfig(max_retries=max_retries, checkpoint_period=checkpoint_period,
+                              keep_checkpoints=keep_checkpoints),
     )
     plan = make_fold_plan(dataset, k, split=split, groups=groups, seed=seed)
     if backend is None:
@@ -184,11 +186,15 @@ def run_cv(
     backend.validate(config.train, dataset)
     fetch = getattr(backend, "fetch_weights", None)
     weights_file = fetch(config.train) if fetch is not None else None
+    describe = getattr(backend, "describe", None)
+    model_config = describe(config.train, dataset) if describe is not None else ""
     storage = Storage(run_dir if run_dir is not None else _rundir.default_location(dataset))
     storage.check_usable()
     weights_id = _sha256(weights_file) if weights_file else ""
-    plan = _rundir.prepare(storage, dataset, config, plan, resume=resume,
-                           fingerprint=_rundir.fingerprint(dataset, config, weights_id=weights_id))
+    fingerprint = _rundir.fingerprint(dataset, config, weights_id=weights_id,
+                                      model_config=model_config)
+    plan = _rundir.prepare(storage, dataset, config, plan, resume=resume, fingerprint=fingerprint,
+                           model_config=model_config)
     weights = _store_weights(storage, weights_file, weights_id)
     return _run(dataset, config, plan, storage, backend, weights=weights, address=address,
                 progress=progress, in_sample=in_sample)

@@ -1,7 +1,10 @@
 """The boundary between the orchestrator and whatever trains and predicts a fold.
 
 The driver and the fold actor know a backend only through `FoldBackend`: they never import
-Detectron2. The product's backend is `kfold_ray._detectron2.Detectron2Backend`; test doubles live
+Detectron2. Two optional methods, called on the driver when a backend has them:
+``fetch_weights(train) -> Path | None`` (the initial weights as a local file, fetched once; the
+driver stores them in the run dir for every fold) and ``describe(train, dataset) -> str`` (the
+merged model config, part of the run's fingerprint and written to ``model_config.yaml``). The product's backend is `kfold_ray._detectron2.Detectron2Backend`; test doubles live
 in tests/ only.
 
 A backend's `run_fold` is a generator of `FoldEvent`s: `Progress` updates while it trains and
@@ -49,7 +52,7 @@ class FoldTask:
     seed: int
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
-    checkpoint_period: int = 500
+    checkpoint_period: int | None = None
     num_cpus: float = 1.0
     weights: str = ""
     keep_checkpoints: int = 2

@@ -81,7 +81,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-threshold", type=float, default=0.05)
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on GPU")
     p.add_argument("--max-retries", type=int, default=2)
-    p.add_argument("--checkpoint-period", type=int, default=500)
+    p.add_argument("--checkpoint-period", type=int, default=None,
+                   help="training iterations between checkpoints (default: the model config's)")
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="newest checkpoints kept per fold (default 2)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address; 'local' starts a new local cluster (default: RAY_ADDRESS, "
                         "else the cluster running on this node, else a new local one)")
@@ -140,6 +143,7 @@ def _run(args) -> int:
         groups=args.group_field, seed=args.seed, run_dir=args.run_dir,
         score_threshold=args.score_threshold, batch_size=args.batch_size, amp=args.amp,
         max_retries=args.max_retries, checkpoint_period=args.checkpoint_period,
+        keep_checkpoints=args.keep_checkpoints,
         address=args.address, resume=args.resume, progress=not args.quiet,
     )
     _print_summary(result)

@@ -80,17 +80,24 @@ class FailureConfig:
     Attributes:
         max_retries: how many times a failed fold is restarted (resuming from its last
             checkpoint and its persisted predictions) before the run fails.
-        checkpoint_period: training iterations between checkpoints in the run dir.
+        checkpoint_period: training iterations between checkpoints in the run's storage;
+            None (default): the model config's ``SOLVER.CHECKPOINT_PERIOD``.
+        keep_checkpoints: how many of a fold's newest checkpoints are kept (~330 MB each for
+            R50-FPN); older ones are deleted as new ones land.
     """
 
     max_retries: int = 2
-    checkpoint_period: int = 500
+    checkpoint_period: int | None = None
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         _require(isinstance(self.max_retries, int) and self.max_retries >= 0,
                  f"max_retries must be an integer >= 0, got {self.max_retries!r}")
-        _require(isinstance(self.checkpoint_period, int) and self.checkpoint_period >= 1,
-                 f"checkpoint_period must be an integer >= 1, got {self.checkpoint_period!r}")
+        _require(self.checkpoint_period is None
+                 or (isinstance(self.checkpoint_period, int) and self.checkpoint_period >= 1),
+                 f"checkpoint_period must be an integer >= 1 (or None), got {self.checkpoint_period!r}")
+        _require(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 1,
+                 f"keep_checkpoints must be an integer >= 1, got {self.keep_checkpoints!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

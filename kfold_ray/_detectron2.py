@@ -27,7 +27,7 @@ from ._config import TrainConfig
 from ._dataset import CocoDataset
 from ._checkpoints import CheckpointSync
 from ._exceptions import ConfigError, FoldOutOfMemoryError, ImageReadError
-from ._schema import make_prediction_batch
+from ._schema import batch_image_indices, make_prediction_batch
 from ._storage import Storage, is_uri
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,14 @@ class Detectron2Backend:
     def validate(self, train: TrainConfig, dataset: CocoDataset) -> None:
         self.build_cfg(train, num_classes=dataset.num_classes, device="cpu")
 
+    def describe(self, train: TrainConfig, dataset: CocoDataset) -> str:
+        """The merged config every fold trains with, as YAML (Detectron2's ``cfg.dump()``).
+
+        Part of the run's fingerprint (a resume never mixes two models) and of the run dir.
+        Fold-specific keys (dataset name, output dir, seed, device) are left at neutral values.
+        """
+        return self.build_cfg(train, num_classes=dataset.num_classes, device="cpu").dump()
+
     def fetch_weights(self, train: TrainConfig) -> Path | None:
         """The config's ``MODEL.WEIGHTS`` as a local file on the driver (None: from scratch).
 
@@ -119,7 +127,7 @@ class Detectron2Backend:
             ) from None
 
     def build_cfg(self, train: TrainConfig, *, num_classes: int, device: str, output_dir: str = "",
-                  dataset_name: str = "", seed: int = 0, checkpoint_period: int = 500,
+                  dataset_name: str = "", seed: int = 0, checkpoint_period: int | None = None,
                   score_threshold: float = 0.05, num_workers: int | None = None,
                   weights: str | None = None):
         """Detectron2 ``CfgNode``: base config + preset + user overrides + what kfold-ray owns."""
@@ -158,7 +166,8 @@ class Detectron2Backend:
         cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_threshold
         cfg.MODEL.DEVICE = device
         cfg.SOLVER.AMP.ENABLED = bool(train.amp and device.startswith("cuda"))
-        cfg.SOLVER.CHECKPOINT_PERIOD = checkpoint_period
+        if checkpoint_period is not None:
+            cfg.SOLVER.CHECKPOINT_PERIOD = checkpoint_period
         cfg.OUTPUT_DIR = output_dir
         cfg.SEED = seed
         if num_workers is not None and not _sets(train, "DATALOADER.NUM_WORKERS"):
@@ -206,12 +215,7 @@ class Detectron2Backend:
         except FileNotFoundError as e:
             raise _image_error(e) from None
         try:
-            yield from _predict(model, cfg, task, dataset, device)
-        except torch.cuda.OutOfMemoryError:
-            raise FoldOutOfMemoryError(
-                task.fold, "predicting", task.predict.batch_size,
-                "lower --batch-size, or raise --gpus-per-fold so fewer folds share a GPU",
-            ) from None
+            yield from _predict_halving_on_oom(model, cfg, task, dataset, device)
         except FileNotFoundError as e:
             raise _image_error(e) from None
 
@@ -391,22 +395,63 @@ def _train(cfg, fold: int, sync: CheckpointSync | None = None):
     return trainer.model
 
 
-def _predict(model, cfg, task: FoldTask, dataset: CocoDataset, device: str) -> Iterator[FoldEvent]:
+def _predict_halving_on_oom(model, cfg, task: FoldTask, dataset: CocoDataset,
+                            device: str) -> Iterator[FoldEvent]:
+    """`_predict`, and on a GPU out-of-memory the rest of the fold again at half the batch size
+    (down to 1, then FoldOutOfMemoryError). Batches already streamed stay persisted."""
+    import torch
+
+    remaining = np.asarray(task.predict_indices, dtype=np.int64)
+    batch_size, total = task.predict.batch_size, len(remaining)
+    while True:
+        done: list[np.ndarray] = []
+        try:
+            for event in _predict(model, cfg, task, dataset, device, indices=remaining,
+                                  batch_size=batch_size, already=total - len(remaining)):
+                if not isinstance(event, Progress):
+                    done.append(batch_image_indices(event))
+                yield event
+            return
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise FoldOutOfMemoryError(
+                    task.fold, "predicting", 1,
+                    "even one image at a time does not fit: lower INPUT.MAX_SIZE_TEST, or raise "
+                    "--gpus-per-fold so fewer folds share a GPU",
+                ) from None
+        torch.cuda.empty_cache()
+        remaining = np.setdiff1d(remaining, np.concatenate([np.empty(0, np.int64), *done]))
+        batch_size //= 2
+        logging.getLogger("detectron2.kfold_ray").warning(
+            "kfold-ray fold %d: out of GPU memory while predicting; the remaining %d images go on "
+            "at batch size %d", task.fold, len(remaining), batch_size)
+
+
+def _by_size(dataset: CocoDataset, indices: np.ndarray) -> np.ndarray:
+    """Held-out images ordered by (height, width, index): a batch holds images of one size where
+    it can, so padding, and hence predictions, do not depend on how the images were batched."""
+    return indices[np.lexsort((indices, dataset.widths[indices], dataset.heights[indices]))]
+
+
+def _predict(model, cfg, task: FoldTask, dataset: CocoDataset, device: str, *,
+             indices: np.ndarray | None = None, batch_size: int | None = None,
+             already: int = 0) -> Iterator[FoldEvent]:
     """Batched held-out inference: images decoded ahead in a thread, the model called on lists."""
     import torch
 
     model.eval()
-    indices = np.asarray(task.predict_indices, dtype=np.int64)
-    batches = [indices[i:i + task.predict.batch_size]
-               for i in range(0, len(indices), task.predict.batch_size)]
+    indices = np.asarray(task.predict_indices if indices is None else indices, dtype=np.int64)
+    batch_size = batch_size or task.predict.batch_size
+    ordered = _by_size(dataset, indices)
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
     use_amp = task.predict.amp and device == "cuda"
-    done = 0
+    done, total = already, already + len(indices)
     for batch_indices, inputs in _prefetch(batches, dataset, cfg):
         with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
             outputs = model(inputs)
         yield _to_record_batch(task.fold, batch_indices, outputs, dataset)
         done += len(batch_indices)
-        yield Progress(task.fold, "predict", done, len(indices))
+        yield Progress(task.fold, "predict", done, total)
 
 
 def _prefetch(batches: Sequence[np.ndarray], dataset: CocoDataset, cfg, depth: int = 2):

@@ -5,7 +5,10 @@ generator. The driver waits on all fold streams at once (``ray.wait`` over the g
 every prediction batch to the reducer the moment it arrives (it is persisted in the run dir
 before anything else happens), and shows progress. A fold whose actor dies (process crash, node
 loss) is started again from its last checkpoint with only its not-yet-persisted images to
-predict, up to ``max_retries`` times; then the run fails with FoldFailedError naming the fold.
+predict, up to ``max_retries`` times (errors that would happen again are not retried: out of GPU
+memory in training, an image the node cannot read, a bad config). A fold that fails for good
+sinks no other: the rest run to the end and persist, then the run fails with FoldFailedError
+naming every failed fold, and ``--resume`` redoes only those.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def run_folds(*, dataset: CocoDataset, plan: FoldPlan, job: FoldJob, backend: Fo
         streams[_launch(state, dataset_ref, plan, job, backend, reducer)] = state
     info: dict[int, dict[str, Any]] = {}
     delayed: list[_Fold] = []  # folds to relaunch once their relaunch_at has come
+    failed: list[_Fold] = []  # folds that failed for good: the others run on
     try:
         while streams or delayed:
             for state in [s for s in delayed if s.relaunch_at <= time.monotonic()]:
@@ -95,20 +99,28 @@ def run_folds(*, dataset: CocoDataset, plan: FoldPlan, job: FoldJob, backend: Fo
                 next_stream = _advance(stream, state, reducer, board, info, config)
                 if next_stream is _RELAUNCH:
                     delayed.append(state)
+                elif next_stream is _FAILED:
+                    failed.append(state)
                 elif next_stream is not None:
                     streams[next_stream] = state
     finally:
         for state in streams.values():
             _kill(state)
+    if failed:
+        first, *others = sorted(failed, key=lambda s: s.fold)
+        raise FoldFailedError(first.fold, first.errors[-1], attempts=first.attempt + 1,
+                              others=[(s.fold, s.errors[-1], s.attempt + 1) for s in others])
     return info
 
 
 _RELAUNCH = object()
+_FAILED = object()
 
 
 def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
              info: dict[int, dict[str, Any]], config: CVConfig):
-    """Take one item from a ready stream. Returns the stream to keep waiting on, _RELAUNCH, or None."""
+    """Take one item from a ready stream. Returns the stream to keep waiting on, _RELAUNCH,
+    _FAILED (for good) or None (done)."""
     try:
         event = ray.get(next(stream))
     except StopIteration:
@@ -145,7 +157,9 @@ def _on_failure(state: _Fold, error: Exception, board: ProgressBoard, config: CV
     state.errors.append(cause)
     _kill(state)
     if state.attempt >= config.failure.max_retries or _would_fail_again(error):
-        raise FoldFailedError(state.fold, cause, attempts=state.attempt + 1) from None
+        board.note(state.fold, f"failed for good ({cause}); the other folds go on")
+        log.error("fold %d failed for good: %s", state.fold, cause)
+        return _FAILED
     state.attempt += 1
     state.relaunch_at = time.monotonic() + (NODE_LOSS_RELAUNCH_DELAY_S if _node_lost(error) else 0.0)
     board.note(state.fold, f"failed ({cause}); retry {state.attempt}/{config.failure.max_retries}")
@@ -193,6 +207,7 @@ def _launch(state: _Fold, dataset_ref, plan: FoldPlan, job: FoldJob, backend: Fo
         checkpoint_period=config.failure.checkpoint_period,
         num_cpus=job.launch.num_cpus,
         weights=job.weights,
+        keep_checkpoints=config.failure.keep_checkpoints,
     )
     state.actor = RemoteFoldActor.options(
         name=f"kfold-ray:{job.run_name}:fold{fold}:try{state.attempt}",

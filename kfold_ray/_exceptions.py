@@ -25,19 +25,37 @@ class KfoldRayError(Exception):
 
 
 class DatasetError(KfoldRayError, ValueError):
-    """The dataset is malformed. The message names the file, the field and the id at fault."""
+    """The dataset is malformed. The message names the file, the field and the id at fault.
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
+    Validation reports every problem it finds in one pass (`load_coco`): ``message`` and
+    ``path`` are the first problem's; ``problems`` holds one line per problem (``"<file>:
+    <problem>"``, the first `MAX_PROBLEMS` of them) and ``problem_count`` how many were found in
+    all. ``str()`` is the first line, followed by ``(+N more problems: ...)`` when there are more.
+    """
+
+    #: Problems kept in ``problems`` (and printed by the CLI); the rest are only counted.
+    MAX_PROBLEMS = 50
+
+    def __init__(self, message: str, *, path: str | None = None,
+                 problems: Sequence[str] | None = None, problem_count: int | None = None) -> None:
         self.message = message
         self.path = path
-        super().__init__(f"{path}: {message}" if path else message)
+        first = f"{path}: {message}" if path else message
+        self.problems = list(problems) if problems else [first]
+        self.problem_count = max(int(problem_count or 0), len(self.problems))
+        more = self.problem_count - 1
+        if more:
+            first += (f" (+{more} more problem{'s' if more > 1 else ''}: one per line in "
+                      "DatasetError.problems)")
+        super().__init__(first)
 
     def __reduce__(self):  # keep keyword-only args across pickling
-        return (_rebuild_dataset_error, (self.message, self.path))
+        return (_rebuild_dataset_error, (self.message, self.path, self.problems, self.problem_count))
 
 
-def _rebuild_dataset_error(message: str, path: str | None) -> DatasetError:
-    return DatasetError(message, path=path)
+def _rebuild_dataset_error(message: str, path: str | None, problems: Sequence[str] | None = None,
+                           problem_count: int | None = None) -> DatasetError:
+    return DatasetError(message, path=path, problems=problems, problem_count=problem_count)
 
 
 class ConfigError(KfoldRayError, ValueError):
@@ -53,21 +71,34 @@ class ResumeError(KfoldRayError, ValueError):
 
 
 class FoldFailedError(KfoldRayError):
-    """A fold failed for good (after its retries)."""
+    """One or more folds failed for good (after their retries); the other folds ran to the end
+    and their predictions are persisted, so ``--resume`` after the fix redoes only these.
 
-    def __init__(self, fold: int, cause: str, *, attempts: int = 1) -> None:
+    Attributes:
+        fold, cause, attempts: the first failed fold.
+        failures: every failed fold as ``(fold, cause, attempts)``, fold order.
+    """
+
+    def __init__(self, fold: int, cause: str, *, attempts: int = 1,
+                 others: Sequence[tuple[int, str, int]] = ()) -> None:
         self.fold = fold
         self.cause = cause
         self.attempts = attempts
-        tries = f" after {attempts} attempts" if attempts > 1 else ""
-        super().__init__(f"fold {fold} failed{tries}: {cause}")
+        self.failures = sorted([(fold, cause, attempts), *others])
+        super().__init__("; ".join(_failure_line(*f) for f in self.failures))
 
     def __reduce__(self):
-        return (_rebuild_fold_failed, (self.fold, self.cause, self.attempts))
+        first = (self.fold, self.cause, self.attempts)
+        return (_rebuild_fold_failed, (*first, [f for f in self.failures if f != first]))
 
 
-def _rebuild_fold_failed(fold: int, cause: str, attempts: int) -> FoldFailedError:
-    return FoldFailedError(fold, cause, attempts=attempts)
+def _failure_line(fold: int, cause: str, attempts: int) -> str:
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    return f"fold {fold} failed{tries}: {cause}"
+
+
+def _rebuild_fold_failed(fold: int, cause: str, attempts: int, others=()) -> FoldFailedError:
+    return FoldFailedError(fold, cause, attempts=attempts, others=[tuple(o) for o in others])
 
 
 class FoldOutOfMemoryError(KfoldRayError):

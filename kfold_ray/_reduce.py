@@ -163,6 +163,7 @@ class FoldPartStore:
         except (pa.ArrowInvalid, OSError) as e:
             raise StitchError(f"{self.storage.uri_of(name)}: unreadable prediction part: {e}") from e
         _check_batch(table)
+        _check_rows_in_batch(table, self.storage.uri_of(name))
         return table
 
     def _part_images(self, name: str) -> np.ndarray:
@@ -171,6 +172,19 @@ class FoldPartStore:
         except (pa.ArrowInvalid, OSError) as e:
             raise StitchError(f"{self.storage.uri_of(name)}: unreadable prediction part: {e}") from e
         return batch_image_indices(schema.empty_table())
+
+
+def _check_rows_in_batch(table: pa.Table, where: str) -> None:
+    """Every detection row belongs to an image the part says it covers: a row for another image
+    would be counted for an image whose own batch never said it was predicted."""
+    rows = table.column("image_index").to_numpy()
+    outside = ~np.isin(rows, batch_image_indices(table))
+    if outside.any():
+        raise StitchError(
+            f"{where}: {int(outside.sum())} detections for images the part does not cover: "
+            f"images {_show(np.unique(rows[outside]))}",
+            wrong_fold=np.unique(rows[outside])[:_SHOW].tolist(),
+        )
 
 
 def _check_batch(batch: pa.RecordBatch | pa.Table) -> None:

@@ -5,6 +5,7 @@ one place that names them::
 
     run.json                  state: run name, fingerprint, status (running / finished)
     config.json               what the run was made from (dataset location, CVConfig, versions)
+    model_config.yaml         the merged model config every fold trains with (Detectron2's dump)
     folds.json                the fold plan (read back on --resume, never recomputed)
     weights/                  MODEL.WEIGHTS, fetched once by the driver, read by every fold
     folds/fold_000/           a fold's checkpoints (newest kept), last_checkpoint, log.txt
@@ -37,6 +38,7 @@ RUN_STATE = "run.json"
 CONFIG = "config.json"
 FOLD_PLAN = "folds.json"
 METRICS = "metrics.json"
+MODEL_CONFIG = "model_config.yaml"
 WEIGHTS = "weights"
 PARTS = "parts"
 FOLD_WORK = "folds"
@@ -83,7 +85,7 @@ def now() -> str:
 
 # ---- creating or reopening ------------------------------------------------------------------------
 def prepare(storage: Storage, dataset: "CocoDataset", config: "CVConfig", plan: "FoldPlan", *,
-            resume: bool, fingerprint: str) -> "FoldPlan":
+            resume: bool, fingerprint: str, model_config: str = "") -> "FoldPlan":
     """Create the run dir (or reopen it, with ``resume``); return the fold plan to run.
 
     A new run dir must be empty; its plan, config and state are written first. A resumed one
@@ -96,6 +98,8 @@ def prepare(storage: Storage, dataset: "CocoDataset", config: "CVConfig", plan: 
         raise ConfigError(f"run dir {storage.uri} is not empty: pass --resume to finish the run in it, "
                           "or choose another --run-dir")
     write_plan(storage, plan)
+    if model_config:
+        storage.write_text(MODEL_CONFIG, model_config)
     storage.write_json(CONFIG, config_record(dataset, config))
     storage.write_json(RUN_STATE, {
         "run_name": run_name(storage), "fingerprint": fingerprint,
@@ -181,17 +185,21 @@ def versions() -> dict[str, str]:
     return out
 
 
-def fingerprint(dataset: "CocoDataset", config: "CVConfig", *, weights_id: str = "") -> str:
-    """What decides a run's predictions: the dataset, the split, the seed, the model and its
-    weights, the score threshold. How the run is scheduled (GPUs/CPUs per fold, retries,
-    checkpoint period, batch size) may change on --resume. The fold plan itself is read back
-    from folds.json on resume."""
+def fingerprint(dataset: "CocoDataset", config: "CVConfig", *, weights_id: str = "",
+                model_config: str = "") -> str:
+    """What decides a run's predictions: the dataset, the split, the seed, the model (its merged
+    config as the backend dumps it, so a preset's definition counts, not just its name) and its
+    weights, the score threshold, the versions of the libraries that compute them. How the run is
+    scheduled (GPUs/CPUs per fold, retries, checkpoints, batch size) may change on --resume. The
+    fold plan itself is read back from folds.json on resume."""
     import json
 
+    installed = versions()
     decides = {
         "dataset": dataset.fingerprint, "k": config.k, "split": config.split, "seed": config.seed,
         "train": config.to_json()["train"], "score_threshold": config.predict.score_threshold,
-        "weights": weights_id,
+        "weights": weights_id, "model_config": model_config,
+        "versions": {name: installed[name] for name in ("torch", "torchvision", "detectron2")},
     }
     blob = json.dumps(decides, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -208,3 +208,21 @@ def test_driver_sigkill_then_resume_finishes_without_redoing_folds(tmp_path):
     assert a.num_rows == b.num_rows
     assert a.column("image_index").to_pylist() == b.column("image_index").to_pylist()
     assert a.column("fold").to_pylist() == b.column("fold").to_pylist()
+
+
+def test_failed_folds_sink_no_other_and_resume_redoes_only_them(ray_local, small, tmp_path):
+    control = tmp_path / "control"
+    control.mkdir()
+    run_dir = tmp_path / "run"
+    with pytest.raises(FoldFailedError) as info:
+        run_cv(small, 3, gpus_per_fold=0, run_dir=run_dir, progress=False, max_retries=1,
+               backend=EchoBackend(control_dir=str(control), oom_fold=1, fail_fold=2, step_s=0.05))
+    assert [f for f, _, _ in info.value.failures] == [1, 2]
+    assert str(info.value).startswith("fold 1 failed: FoldOutOfMemoryError: fold 1 ran out of GPU memory")
+    assert "; fold 2 failed after 2 attempts: RuntimeError: deterministic failure in fold 2" in str(info.value)
+    assert (run_dir / "parts" / "fold_000" / "DONE.json").is_file(), "fold 0 ran to the end"
+    (control / "attempts.log").unlink()
+    result = run_cv(small, 3, gpus_per_fold=0, run_dir=run_dir, progress=False, resume=True,
+                    backend=EchoBackend(control_dir=str(control)))
+    assert sorted(line.split()[1] for line in attempts(control)) == ["fold=1", "fold=2"]
+    assert _false_positive_images(result.table()) == list(range(small.num_images))

@@ -302,3 +302,15 @@ def test_reducer_finish_names_a_fold_that_never_reported(tmp_path):
     batches = [b for b in _fold_batches(fold_of_image) if batch_fold(b) != 3]
     with pytest.raises(StitchError, match=rf"{int((fold_of_image == 3).sum())} images missing"):
         _reduce(tmp_path, batches, fold_of_image)
+
+
+def test_a_row_for_an_image_its_part_does_not_cover_is_refused(tmp_path):
+    store = FoldPartStore(tmp_path)
+    rng = np.random.default_rng(0)
+    good = _batch(0, [1, 2], rng, dets_per_image=2)
+    rows = good.column("image_index").to_numpy().copy()
+    rows[0] = 5  # a detection of image 5 in a batch that covers images 1 and 2
+    cols = [pa.array(rows) if n == "image_index" else good.column(n) for n in good.schema.names]
+    store.put(pa.RecordBatch.from_arrays(cols, schema=good.schema), seq=0)
+    with pytest.raises(StitchError, match=r"1 detections for images the part does not cover: images \[5\]"):
+        store.read_fold(0)

@@ -1,0 +1,71 @@
+"""The Detectron2 backend's own behaviour, with a real (tiny) model on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cocofactory import make_coco
+
+from kfold_ray._backend import FoldTask, Progress
+from kfold_ray._config import PredictConfig, TrainConfig
+from kfold_ray._dataset import load_coco
+from kfold_ray._detectron2 import Detectron2Backend, _by_size, _predict_halving_on_oom
+from kfold_ray._exceptions import FoldOutOfMemoryError
+from kfold_ray._schema import batch_image_indices
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """The real model, but a batch larger than ``limit`` images 'runs out of GPU memory'."""
+
+    def __init__(self, model, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.calls = model, limit, []
+
+    def forward(self, inputs):
+        self.calls.append(len(inputs))
+        if len(inputs) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(inputs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from detectron2.modeling import build_model
+
+    ann, images = make_coco(tmp_path_factory.mktemp("d") / "data", n_images=11, categories=2,
+                            size=[(64, 64), (80, 64), (64, 64), (64, 80)] * 2 + [(64, 64)] * 3)
+    dataset = load_coco(ann, images)
+    cfg = Detectron2Backend().build_cfg(TrainConfig(model="tiny"), num_classes=2, device="cpu")
+    return dataset, cfg, build_model(cfg)
+
+
+def _task(dataset, batch_size: int) -> FoldTask:
+    return FoldTask(run_name="t", fold=0, attempt=0, train_indices=np.zeros(0, np.int64),
+                    predict_indices=np.arange(dataset.num_images), work_dir="", seed=0,
+                    predict=PredictConfig(batch_size=batch_size))
+
+
+def test_inference_out_of_memory_goes_on_at_half_the_batch(tiny):
+    dataset, cfg, model = tiny
+    oom = _OutOfMemoryAbove(model, limit=2)
+    events = list(_predict_halving_on_oom(oom, cfg, _task(dataset, 8), dataset, "cpu"))
+    covered = np.concatenate([batch_image_indices(e) for e in events if not isinstance(e, Progress)])
+    assert sorted(covered.tolist()) == list(range(dataset.num_images)), "every image exactly once"
+    assert oom.calls[:3] == [8, 4, 2] and set(oom.calls[3:]) <= {1, 2}
+    last = [e for e in events if isinstance(e, Progress)][-1]
+    assert (last.step, last.total) == (dataset.num_images, dataset.num_images)
+
+
+def test_inference_out_of_memory_at_batch_one_fails_with_advice(tiny):
+    dataset, cfg, model = tiny
+    with pytest.raises(FoldOutOfMemoryError, match=r"batch size 1\): even one image at a time does not fit"):
+        list(_predict_halving_on_oom(_OutOfMemoryAbove(model, limit=0), cfg, _task(dataset, 4),
+                                     dataset, "cpu"))
+
+
+def test_held_out_images_are_batched_by_size(tiny):
+    dataset, _, _ = tiny
+    order = _by_size(dataset, np.arange(dataset.num_images))
+    sizes = list(zip(dataset.heights[order].tolist(), dataset.widths[order].tolist()))
+    assert sizes == sorted(sizes) and sorted(order.tolist()) == list(range(dataset.num_images))

@@ -38,6 +38,10 @@ class FoldTask:
         work_dir: the fold's folder in the run's storage (a URI or an absolute path every node
             reads): checkpoints and logs live there, so a retry on any node resumes.
         seed: training seed of this fold.
+        holdout_indices: int64 every image the fold holds out (predict_indices is what is left).
+        predicted_with: the model that made the fold's persisted parts ("" if none). A backend
+            whose model is another one (it had to train again) predicts every held-out image
+            and first yields `DiscardParts`, so one fold's predictions come from one model.
         num_cpus: CPUs reserved for the fold's actor (its data-loading workers).
         weights: initial weights the driver placed in the run's storage ("" = the config's own).
         keep_checkpoints: how many of the newest checkpoints are kept.
@@ -53,6 +57,8 @@ class FoldTask:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     checkpoint_period: int | None = None
+    holdout_indices: np.ndarray | None = None
+    predicted_with: str = ""
     num_cpus: float = 1.0
     weights: str = ""
     keep_checkpoints: int = 2
@@ -69,7 +75,16 @@ class Progress:
     loss: float | None = None
 
 
-FoldEvent = Union[Progress, pa.RecordBatch]
+@dataclass(frozen=True)
+class DiscardParts:
+    """The fold's persisted parts came from another model than the one now predicting: the
+    driver deletes them; this attempt predicts every held-out image."""
+
+    fold: int
+    model: str
+
+
+FoldEvent = Union[Progress, DiscardParts, pa.RecordBatch]
 
 
 @runtime_checkable

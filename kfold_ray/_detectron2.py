@@ -8,6 +8,7 @@ Detectron2, torch and the compat layer are imported lazily, so ``import kfold_ra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ._backend import FoldEvent, FoldTask, Progress
+from ._backend import DiscardParts, FoldEvent, FoldTask, Progress
 from ._config import TrainConfig
 from ._dataset import CocoDataset
 from ._checkpoints import CheckpointSync
@@ -214,10 +215,29 @@ class Detectron2Backend:
             ) from None
         except FileNotFoundError as e:
             raise _image_error(e) from None
+        model_id = _model_id(scratch, sync)
+        if task.predicted_with and task.predicted_with != model_id:
+            # Trained again (its final checkpoint was lost): one fold, one model.
+            yield DiscardParts(task.fold, model_id)
+            task = dataclasses.replace(task, predict_indices=np.asarray(task.holdout_indices))
         try:
-            yield from _predict_halving_on_oom(model, cfg, task, dataset, device)
+            yield from _predict_halving_on_oom(model, cfg, task, dataset, device, model_id=model_id)
         except FileNotFoundError as e:
             raise _image_error(e) from None
+
+
+def _model_id(scratch: Path, sync: CheckpointSync) -> str:
+    """``<checkpoint name>:<sha256 prefix>`` of the trained model (what its predictions record)."""
+    import hashlib
+
+    name = sync.latest_local()
+    if not name or not (scratch / name).is_file():
+        return ""
+    h = hashlib.sha256()
+    with open(scratch / name, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return f"{name}:{h.hexdigest()[:16]}"
 
 
 def _sets(train: TrainConfig, key: str) -> bool:
@@ -323,28 +343,50 @@ def _log_to_file(path: Path) -> None:
         logger.addHandler(handler)
 
 
-def _register_split(name: str, dataset: CocoDataset, indices: np.ndarray) -> str:
+def _register_split(name: str, dataset: CocoDataset, indices: np.ndarray, *, masks: bool = True) -> str:
     """Register a fold's training images with Detectron2 (inside the actor: see DESIGN.md).
 
-    Every fold keeps the full category list, so class indices never shift between folds.
+    Every fold keeps the full category list, so class indices never shift between folds. Each
+    annotation with a segmentation carries it (``masks``: True) in Detectron2's form: a list of
+    polygons, or an RLE dict with compressed counts (an uncompressed RLE is compressed here,
+    as Detectron2's own COCO loader does). Detectron2's mapper drops them unless
+    ``MODEL.MASK_ON``; an RLE needs ``INPUT.MASK_FORMAT bitmask`` (`CocoDataset.mask_format`).
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.structures import BoxMode
+
+    with_masks = masks and dataset.segmentations is not None
+
+    def segmentation(row: int):
+        segm = dataset.segmentation(row)
+        if isinstance(segm, dict) and isinstance(segm["counts"], list):
+            from pycocotools import mask as mask_util
+
+            h, w = segm["size"]
+            segm = mask_util.frPyObjects(segm, h, w)
+        return segm
 
     def dataset_dicts() -> list[dict[str, Any]]:
         dicts = []
         for i in np.asarray(indices).tolist():
             boxes, classes, crowd = dataset.annotations_of(i)
             keep = ~crowd  # crowd boxes are kept out of training
+            annotations = [
+                {"bbox": b.tolist(), "bbox_mode": BoxMode.XYXY_ABS, "category_id": int(c)}
+                for b, c in zip(boxes[keep], classes[keep])
+            ]
+            if with_masks:
+                rows = int(dataset.ann_offsets[i]) + np.flatnonzero(keep)
+                for ann, row in zip(annotations, rows.tolist()):
+                    segm = segmentation(row)
+                    if segm is not None:
+                        ann["segmentation"] = segm
             dicts.append({
                 "file_name": str(dataset.image_path(i)),
                 "image_id": int(dataset.image_ids[i]),
                 "height": int(dataset.heights[i]),
                 "width": int(dataset.widths[i]),
-                "annotations": [
-                    {"bbox": b.tolist(), "bbox_mode": BoxMode.XYXY_ABS, "category_id": int(c)}
-                    for b, c in zip(boxes[keep], classes[keep])
-                ],
+                "annotations": annotations,
             })
         return dicts
 
@@ -396,7 +438,7 @@ def _train(cfg, fold: int, sync: CheckpointSync | None = None):
 
 
 def _predict_halving_on_oom(model, cfg, task: FoldTask, dataset: CocoDataset,
-                            device: str) -> Iterator[FoldEvent]:
+                            device: str, *, model_id: str = "") -> Iterator[FoldEvent]:
     """`_predict`, and on a GPU out-of-memory the rest of the fold again at half the batch size
     (down to 1, then FoldOutOfMemoryError). Batches already streamed stay persisted."""
     import torch
@@ -407,7 +449,8 @@ def _predict_halving_on_oom(model, cfg, task: FoldTask, dataset: CocoDataset,
         done: list[np.ndarray] = []
         try:
             for event in _predict(model, cfg, task, dataset, device, indices=remaining,
-                                  batch_size=batch_size, already=total - len(remaining)):
+                                  batch_size=batch_size, already=total - len(remaining),
+                                  model_id=model_id):
                 if not isinstance(event, Progress):
                     done.append(batch_image_indices(event))
                 yield event
@@ -435,7 +478,7 @@ def _by_size(dataset: CocoDataset, indices: np.ndarray) -> np.ndarray:
 
 def _predict(model, cfg, task: FoldTask, dataset: CocoDataset, device: str, *,
              indices: np.ndarray | None = None, batch_size: int | None = None,
-             already: int = 0) -> Iterator[FoldEvent]:
+             already: int = 0, model_id: str = "") -> Iterator[FoldEvent]:
     """Batched held-out inference: images decoded ahead in a thread, the model called on lists."""
     import torch
 
@@ -449,7 +492,7 @@ def _predict(model, cfg, task: FoldTask, dataset: CocoDataset, device: str, *,
     for batch_indices, inputs in _prefetch(batches, dataset, cfg):
         with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
             outputs = model(inputs)
-        yield _to_record_batch(task.fold, batch_indices, outputs, dataset)
+        yield _to_record_batch(task.fold, batch_indices, outputs, dataset, model_id)
         done += len(batch_indices)
         yield Progress(task.fold, "predict", done, total)
 
@@ -512,7 +555,8 @@ class _InputLoader:
         return {"image": tensor, "height": h, "width": w}
 
 
-def _to_record_batch(fold: int, indices: np.ndarray, outputs: list[dict], dataset: CocoDataset):
+def _to_record_batch(fold: int, indices: np.ndarray, outputs: list[dict], dataset: CocoDataset,
+                     model_id: str = ""):
     """Detectron2 Instances -> one Arrow batch, on the CPU (Instances never leave the actor)."""
     boxes, scores, classes, owner = [], [], [], []
     for i, out in zip(indices.tolist(), outputs):
@@ -531,4 +575,5 @@ def _to_record_batch(fold: int, indices: np.ndarray, outputs: list[dict], datase
         classes=np.concatenate(classes) if classes else np.zeros(0, np.int32),
         image_ids=dataset.image_ids,
         category_ids=dataset.category_ids,
+        model=model_id,
     )

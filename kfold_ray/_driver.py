@@ -25,7 +25,7 @@ from ray.exceptions import RayError, RayTaskError
 
 from . import _rundir
 from ._actor import RemoteFoldActor
-from ._backend import FoldBackend, FoldTask, Progress
+from ._backend import DiscardParts, FoldBackend, FoldTask, Progress
 from ._cluster import FoldLaunch
 from ._config import CVConfig, TrainConfig
 from ._dataset import CocoDataset
@@ -140,6 +140,12 @@ def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
         board.update(event)
     elif isinstance(event, pa.RecordBatch):
         reducer.add(event)
+    elif isinstance(event, DiscardParts):
+        reducer.discard_fold(state.fold)
+        board.note(state.fold, "trained again: its earlier predictions are discarded")
+        log.warning("fold %d: its model is not the one that made its persisted predictions "
+                    "(%s); they are discarded and every held-out image is predicted again",
+                    state.fold, event.model)
     return stream
 
 
@@ -200,6 +206,8 @@ def _launch(state: _Fold, dataset_ref, plan: FoldPlan, job: FoldJob, backend: Fo
         attempt=state.attempt,
         train_indices=plan.train_indices(fold),
         predict_indices=np.setdiff1d(holdout, already, assume_unique=True),
+        holdout_indices=holdout,
+        predicted_with=reducer.predicted_with(fold),
         work_dir=job.storage.uri_of(_rundir.fold_work(fold)),
         seed=config.seed + fold,
         train=job.train,

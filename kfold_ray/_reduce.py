@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from . import _rundir
 from ._exceptions import StitchError
-from ._schema import DETECTION_SCHEMA, batch_fold, batch_image_indices
+from ._schema import DETECTION_SCHEMA, batch_fold, batch_image_indices, batch_model
 from ._storage import Storage
 
 __all__ = ["FoldPartStore", "Reducer", "stitch"]
@@ -166,12 +166,18 @@ class FoldPartStore:
         _check_rows_in_batch(table, self.storage.uri_of(name))
         return table
 
-    def _part_images(self, name: str) -> np.ndarray:
+    def _part_schema(self, name: str) -> pa.Schema:
         try:
-            schema = pa.ipc.open_file(self._open(name)).schema
+            return pa.ipc.open_file(self._open(name)).schema
         except (pa.ArrowInvalid, OSError) as e:
             raise StitchError(f"{self.storage.uri_of(name)}: unreadable prediction part: {e}") from e
-        return batch_image_indices(schema.empty_table())
+
+    def _part_images(self, name: str) -> np.ndarray:
+        return batch_image_indices(self._part_schema(name).empty_table())
+
+    def models(self, fold: int) -> set[str]:
+        """The models that made the fold's persisted parts (read from metadata only)."""
+        return {batch_model(self._part_schema(p)) for p in self.part_paths(fold)}
 
 
 def _check_rows_in_batch(table: pa.Table, where: str) -> None:
@@ -425,6 +431,19 @@ class Reducer:
         """int64 sorted: the fold's images whose predictions are persisted."""
         self.flush(fold)
         return self.store.covered_images(fold)
+
+    def predicted_with(self, fold: int) -> str:
+        """The one model that made the fold's persisted parts; "" if none (or not said);
+        "mixed" if several (never equal to a model: the fold is predicted again)."""
+        self.flush(fold)
+        models = self.store.models(fold) - {""}
+        return "" if not models else models.pop() if len(models) == 1 else "mixed"
+
+    def discard_fold(self, fold: int) -> None:
+        """Delete the fold's parts (made by another model than the one predicting it now)."""
+        self.flush(fold)
+        self.store.clear_fold(fold)
+        self._next_seq[fold], self._images[fold], self._detections[fold] = 0, 0, 0
 
     def images_received(self, fold: int) -> int:
         """Images received so far for ``fold`` (including parts from before a resume)."""

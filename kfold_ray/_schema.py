@@ -36,6 +36,7 @@ DETECTION_SCHEMA = pa.schema(
 
 _IMAGES_KEY = b"kfold_ray.image_indices"
 _FOLD_KEY = b"kfold_ray.fold"
+_MODEL_KEY = b"kfold_ray.model"
 
 
 def make_prediction_batch(
@@ -48,6 +49,7 @@ def make_prediction_batch(
     classes: np.ndarray,
     image_ids: np.ndarray,
     category_ids: np.ndarray,
+    model: str = "",
 ) -> pa.RecordBatch:
     """Build one prediction batch.
 
@@ -60,6 +62,8 @@ def make_prediction_batch(
         classes: int (D,) class indices.
         image_ids: int64 (N,) the dataset's image ids (to look up COCO ids).
         category_ids: int64 (C,) COCO category id of each class index.
+        model: identity of the model that made the predictions (its checkpoint's name and hash):
+            a fold's predictions must all come from one model.
     """
     det_image_index = np.asarray(det_image_index, dtype=np.int64)
     classes = np.asarray(classes, dtype=np.int32)
@@ -79,6 +83,7 @@ def make_prediction_batch(
     metadata = {
         _IMAGES_KEY: np.asarray(image_indices, dtype="<i8").tobytes(),
         _FOLD_KEY: str(int(fold)).encode(),
+        _MODEL_KEY: model.encode(),
     }
     return pa.RecordBatch.from_arrays(columns, schema=DETECTION_SCHEMA.with_metadata(metadata))
 
@@ -90,6 +95,12 @@ def batch_image_indices(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
 
 def batch_fold(batch: pa.RecordBatch | pa.Table) -> int:
     return int(batch.schema.metadata[_FOLD_KEY])
+
+
+def batch_model(batch: pa.RecordBatch | pa.Table | pa.Schema) -> str:
+    """The model that made a batch ("" when the backend did not say)."""
+    schema = batch if isinstance(batch, pa.Schema) else batch.schema
+    return (schema.metadata or {}).get(_MODEL_KEY, b"").decode()
 
 
 def empty_detections() -> pa.Table:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from kfold_ray._backend import FoldEvent, FoldTask, Progress
+from kfold_ray._backend import DiscardParts, FoldEvent, FoldTask, Progress
 from kfold_ray._config import TrainConfig
 from kfold_ray._dataset import CocoDataset
 from kfold_ray._exceptions import FoldOutOfMemoryError
@@ -34,6 +34,8 @@ class EchoBackend:
         fail_fold: this fold raises every time (a deterministic bug).
         oom_fold: this fold reports running out of GPU memory.
         pause_folds: these folds wait until ``control_dir/release`` exists before predicting.
+        new_model_each_attempt: every attempt "trains again" (model ``attempt<n>``), as when a
+            fold's final checkpoint was lost: it must discard earlier parts, as the real one does.
     """
 
     train_steps: int = 3
@@ -44,6 +46,7 @@ class EchoBackend:
     fail_fold: int | None = None
     pause_folds: tuple[int, ...] = ()
     oom_fold: int | None = None
+    new_model_each_attempt: bool = False
 
     def validate(self, train: TrainConfig, dataset: CocoDataset) -> None:
         return None
@@ -63,11 +66,15 @@ class EchoBackend:
                 time.sleep(0.05)
         done = 0
         indices = np.asarray(task.predict_indices, dtype=np.int64)
+        model = f"attempt{task.attempt}" if self.new_model_each_attempt else ""
+        if model and task.predicted_with and task.predicted_with != model:
+            yield DiscardParts(task.fold, model)
+            indices = np.asarray(task.holdout_indices, dtype=np.int64)
         for lo in range(0, len(indices), task.predict.batch_size):
             chunk = indices[lo:lo + task.predict.batch_size]
             self._maybe_crash(task.fold, "predict", done)
             time.sleep(self.step_s)
-            yield echo_batch(task.fold, chunk, dataset)
+            yield echo_batch(task.fold, chunk, dataset, model)
             done += len(chunk)
             yield Progress(task.fold, "predict", done, len(indices))
 
@@ -85,7 +92,7 @@ class EchoBackend:
                 f.write(line + "\n")
 
 
-def echo_batch(fold: int, chunk: np.ndarray, dataset: CocoDataset):
+def echo_batch(fold: int, chunk: np.ndarray, dataset: CocoDataset, model: str = ""):
     owners, boxes, classes, scores = [], [], [], []
     for i in chunk.tolist():
         b, c, crowd = dataset.annotations_of(i)
@@ -99,7 +106,7 @@ def echo_batch(fold: int, chunk: np.ndarray, dataset: CocoDataset):
         boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4)),
         scores=np.concatenate(scores) if scores else np.zeros(0),
         classes=np.concatenate(classes) if classes else np.zeros(0),
-        image_ids=dataset.image_ids, category_ids=dataset.category_ids,
+        image_ids=dataset.image_ids, category_ids=dataset.category_ids, model=model,
     )
 
 

@@ -226,3 +226,20 @@ def test_failed_folds_sink_no_other_and_resume_redoes_only_them(ray_local, small
                     backend=EchoBackend(control_dir=str(control)))
     assert sorted(line.split()[1] for line in attempts(control)) == ["fold=1", "fold=2"]
     assert _false_positive_images(result.table()) == list(range(small.num_images))
+
+
+def test_a_retry_that_trains_again_discards_the_earlier_model_s_parts(ray_local, small, tmp_path):
+    from kfold_ray._reduce import FoldPartStore
+
+    control = tmp_path / "control"
+    control.mkdir()
+    result = run_cv(small, 2, gpus_per_fold=0, run_dir=tmp_path / "run", progress=False,
+                    batch_size=2, backend=EchoBackend(control_dir=str(control), crash_fold=1,
+                                                      crash_at=("predict", 4),
+                                                      new_model_each_attempt=True))
+    store = FoldPartStore(tmp_path / "run")
+    assert store.models(0) == {"attempt0"}
+    assert store.models(1) == {"attempt1"}, "the first model's parts are gone"
+    assert sorted(line.split()[2] for line in attempts(control) if "fold=1" in line) == [
+        "attempt=0", "attempt=1"]
+    assert _false_positive_images(result.table()) == list(range(small.num_images))

@@ -118,3 +118,13 @@ def test_config_json_records_how_to_reproduce(finished_run):
     assert config["dataset_fingerprint"] == dataset.fingerprint
     folds = json.loads((result.run_dir / "folds.json").read_text())
     assert folds["folds"] == result.fold_of_image.tolist()
+
+
+def test_every_part_records_the_one_model_that_made_it(finished_run):
+    from kfold_ray._reduce import FoldPartStore
+
+    result, _ = finished_run
+    store = FoldPartStore(result.run_dir)
+    for fold in range(3):
+        (model,) = store.models(fold)
+        assert model.startswith("model_final.pth:") and len(model) == len("model_final.pth:") + 16

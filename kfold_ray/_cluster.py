@@ -11,6 +11,7 @@ when the user has not chosen a mode and a token exists on this machine, we choos
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ class ClusterInfo:
     cpus_per_gpu: float | None  # on the GPU nodes (the smallest ratio), None without GPUs
 
     def describe(self) -> str:
-        how = "started here (local)" if self.started_here else "joined"
+        how = "a new local cluster" if self.started_here else "joined"
         return (f"Ray cluster {self.address} ({how}): {self.nodes} node{'s' * (self.nodes != 1)}, "
                 f"{self.cpus:g} CPUs, {self.gpus:g} GPUs")
 
@@ -57,8 +58,10 @@ def connect(address: str | None) -> ClusterInfo:
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS") or None
         if target == "local" or (target is None and not _cluster_on_this_node()):
-            # A cluster of our own (no address anywhere, nothing running on this node).
-            ray.init(address="local", configure_logging=False, log_to_driver=False)
+            # A cluster of our own (no address anywhere, nothing running on this node). Ray turns
+            # token auth on for it and says so in a banner: not our user's business.
+            with _quiet("ray._private.authentication.authentication_token_setup"):
+                ray.init(address="local", configure_logging=False, log_to_driver=False)
             started_here = True
         else:
             _use_token_auth_if_available()
@@ -107,14 +110,22 @@ def _use_token_auth_if_available() -> None:
     try:
         from ray._private.authentication import authentication_token_setup as auth
 
-        quiet = logging.getLogger(auth.__name__)
-        level, quiet.level = quiet.level, logging.ERROR  # its banner is not our user's business
-        try:
+        with _quiet(auth.__name__):
             auth._enable_token_auth()
-        finally:
-            quiet.setLevel(level)
     except (ImportError, AttributeError):  # another Ray: the variable is all there is
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Only errors from this logger for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _describe(started_here: bool) -> ClusterInfo:

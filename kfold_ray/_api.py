@@ -134,6 +134,7 @@ def run_cv(
     address: str | None = None,
     resume: bool = False,
     in_sample: bool = False,
+    exclude_unreadable: bool = False,
     progress: bool = True,
     backend: FoldBackend | None = None,
 ) -> CVResult:
@@ -160,6 +161,9 @@ def run_cv(
             ``RAY_ADDRESS``, else the cluster running on this node, else a new local one.
         in_sample: also train once on all images and predict them (``in_sample/`` in the run
             dir): the baseline that shows what out-of-fold predictions gain.
+        exclude_unreadable: leave images whose file is missing or corrupt out of the folds and
+            of every output (listed with the reason in ``excluded_images.json``). Only with a
+            path; a loaded dataset keeps what `load_coco` decided.
         backend: the fold backend (default: Detectron2).
 
     Returns:
@@ -167,9 +171,10 @@ def run_cv(
         anything is written or reserved, FoldFailedError when a fold fails for good.
     """
     if not isinstance(dataset, CocoDataset):
-        dataset = load_coco(dataset, image_root)
-    elif image_root is not None:
-        raise ConfigError("image_root is only used with a path to a COCO json, not a loaded dataset")
+        dataset = load_coco(dataset, image_root, exclude_unreadable=exclude_unreadable)
+    elif image_root is not None or exclude_unreadable:
+        raise ConfigError("image_root and exclude_unreadable are only used with a path to a COCO "
+                          "json, not a loaded dataset (pass them to load_coco)")
     config = CVConfig(
         k=k, split=split if isinstance(split, str) else f"custom:{type(split).__name__}",
         seed=seed, gpus_per_fold=gpus_per_fold, cpus_per_fold=cpus_per_fold,

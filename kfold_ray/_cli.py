@@ -61,6 +61,9 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None,
                    help="image root, a path or a URI every node reads, e.g. s3://bucket/images "
                         "(default: the json's folder)")
+    p.add_argument("--exclude-unreadable", action="store_true",
+                   help="leave out images whose file is missing, corrupt or unreadable (and their "
+                        "annotations) instead of stopping; they are listed in a warning")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -104,7 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         return _run(args)
     except USER_INPUT_ERRORS as e:
-        print(f"kfold-ray: error: {_one_line(e)}", file=sys.stderr)
+        # A dataset's problems, one line each (the first 50, then how many more); else one line.
+        lines = getattr(e, "problems", None) or [str(e)]
+        for line in lines[:50]:
+            print(f"kfold-ray: error: {_one_line(line)}", file=sys.stderr)
+        more = max(getattr(e, "problem_count", 0), len(lines)) - min(len(lines), 50)
+        if more > 0:
+            print(f"kfold-ray: error: ... and {more} more problem{'s' if more > 1 else ''}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KfoldRayError as e:
         print(f"kfold-ray: failed: {_one_line(e)}", file=sys.stderr)
@@ -122,7 +131,7 @@ def _validate(args) -> int:
     from ._dataset import load_coco
     from ._folds import make_fold_plan
 
-    dataset = load_coco(args.annotations, args.images)
+    dataset = load_coco(args.annotations, args.images, exclude_unreadable=args.exclude_unreadable)
     msg = f"ok: {dataset.num_images} images, {len(dataset.boxes)} boxes, {dataset.num_classes} classes"
     if args.k is not None:
         plan = make_fold_plan(dataset, args.k, split=args.split, groups=args.group_field)
@@ -145,6 +154,7 @@ def _run(args) -> int:
         max_retries=args.max_retries, checkpoint_period=args.checkpoint_period,
         keep_checkpoints=args.keep_checkpoints,
         address=args.address, resume=args.resume, progress=not args.quiet,
+        exclude_unreadable=args.exclude_unreadable,
     )
     _print_summary(result)
     return EXIT_OK

@@ -3,7 +3,7 @@
 `CocoDataset` is plain data (numpy arrays, tuples): it pickles cheaply into the Ray object store
 and never depends on Detectron2. Annotations are stored flat and grouped by image (CSR layout):
 the annotations of image ``i`` are rows ``ann_offsets[i]:ann_offsets[i + 1]`` of ``boxes``,
-``classes``, ``iscrowd`` and ``ann_ids``.
+``classes``, ``iscrowd`` and ``ann_ids`` (and of ``segmentations``, packed the same way).
 
 Class index = rank of the COCO category id in ascending order (Detectron2's convention for
 COCO json), so ``categories[c]`` is the category of class index ``c``.
@@ -11,6 +11,7 @@ COCO json), so ``categories[c]`` is the category of class index ``c``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import operator
 import os
@@ -23,8 +24,9 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from . import _validate
-from ._exceptions import StorageError
+from ._exceptions import DatasetError, StorageError
 from ._storage import open_location
+from ._validate import Segmentations
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,22 @@ class Category:
     id: int
     name: str
     supercategory: str | None = None
+
+
+@dataclass(frozen=True)
+class ExcludedImage:
+    """An image left out of the dataset because its file cannot be read (``exclude_unreadable``).
+
+    ``reason``: the one-line problem (``file "x.png" not found under image root /data/images``,
+    ``corrupt or unreadable image "y.jpg": truncated JPEG (no end-of-image marker)``).
+    """
+
+    image_id: int
+    file_name: str
+    reason: str
+
+    def record(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "file_name": self.file_name, "reason": self.reason}
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,7 +72,12 @@ class CocoDataset:
         iscrowd: bool (M,) crowd annotations: kept out of training and of cleanlab labels.
         image_extras: per image, the json fields other than id/file_name/width/height (for
             group splits by an image field, e.g. ``video_id``).
-        fingerprint: sha256 of the annotations file bytes and the image files' names and sizes.
+        fingerprint: sha256 of the annotations file bytes, the image files' names and sizes, and
+            the names of the excluded images.
+        segmentations: each annotation's ``segmentation`` (polygons or RLE, rows aligned with
+            ``boxes``), packed (`Segmentations`); None for a dataset not built by `load_coco`.
+        excluded: images left out because their file cannot be read (``exclude_unreadable``),
+            in json order; they and their annotations are not in the arrays above.
     """
 
     annotations_path: str
@@ -71,6 +94,8 @@ class CocoDataset:
     iscrowd: np.ndarray
     image_extras: tuple[Mapping[str, Any], ...] = field(default=())
     fingerprint: str = ""
+    segmentations: Segmentations | None = None
+    excluded: tuple[ExcludedImage, ...] = ()
 
     def __post_init__(self) -> None:
         # Plain strings, whatever a caller passed: a URI must not go through pathlib ('s3:/').
@@ -152,6 +177,46 @@ class CocoDataset:
             for s, e in zip(starts.tolist(), ends.tolist())
         ]
 
+    # ---- masks ------------------------------------------------------------------------------
+    def segmentation(self, row: int) -> list[list[float]] | dict[str, Any] | None:
+        """Annotation row ``row``'s segmentation as COCO writes it: a list of polygons (flat
+        ``[x1, y1, x2, y2, ...]`` lists), or an RLE ``{"size": [h, w], "counts": str |
+        list[int]}``; None when it has none."""
+        return None if self.segmentations is None else self.segmentations.get(row)
+
+    def segmentations_of(self, index: int) -> list[list[list[float]] | dict[str, Any] | None]:
+        """The segmentations of image ``index``'s annotations, aligned with `annotations_of`."""
+        lo, hi = int(self.ann_offsets[index]), int(self.ann_offsets[index + 1])
+        return [self.segmentation(r) for r in range(lo, hi)]
+
+    @property
+    def has_segmentations(self) -> bool:
+        """Every non-crowd annotation has a segmentation (what ``MODEL.MASK_ON`` needs)."""
+        return self.segmentation_problem() is None
+
+    @property
+    def mask_format(self) -> str:
+        """Detectron2's ``INPUT.MASK_FORMAT`` that can read this dataset's (non-crowd) masks:
+        ``"bitmask"`` when one of them is an RLE, else ``"polygon"``."""
+        seg = self.segmentations
+        if seg is not None and (seg.kind[~self.iscrowd] == _validate.RLE).any():
+            return "bitmask"
+        return "polygon"
+
+    def segmentation_problem(self) -> str | None:
+        """None when every non-crowd annotation has a segmentation; else one line naming the
+        first (json order) without one: ``annotations[4] (id 12): no 'segmentation', which
+        MODEL.MASK_ON needs (3 of 120 non-crowd annotations have none)``."""
+        if self.segmentations is None:
+            return ("annotations: the dataset holds no segmentations (it was not loaded with "
+                    "load_coco), which MODEL.MASK_ON needs")
+        return self.segmentations.missing
+
+    # ---- excluded images --------------------------------------------------------------------
+    def excluded_records(self) -> list[dict[str, Any]]:
+        """The excluded images as JSON-able dicts: ``image_id``, ``file_name``, ``reason``."""
+        return [e.record() for e in self.excluded]
+
 
 # ---- image storage ----------------------------------------------------------------------------
 # (pid, image root, storage settings) -> (filesystem, root path in it). Per process: a forked
@@ -203,6 +268,7 @@ def load_coco(
     image_root: str | os.PathLike[str] | None = None,
     *,
     check_images: bool = True,
+    exclude_unreadable: bool = False,
 ) -> CocoDataset:
     """Load a COCO detection json and check all of it, and its image files, before any work starts.
 
@@ -216,6 +282,12 @@ def load_coco(
             rotation, as Detectron2 reads it), a JPEG end-of-image marker (a ranged read of the
             file's end), a PNG's chunk CRCs. Pixels are never decoded. Without it, image files
             are only looked up (they must exist; their sizes go into the fingerprint).
+        exclude_unreadable: leave out the images whose file is missing, not a file, corrupt or
+            cannot be read (those found by the checks above), and their annotations, as if the
+            json did not list them; they are recorded in ``CocoDataset.excluded`` (and in the
+            fingerprint) and a ``UserWarning`` says how many. Problems of the json itself (a
+            size that differs from the file's included) stay errors. Default: such an image is
+            an error like any other.
 
     URIs are opened with ``pyarrow.fs``; credentials and endpoints come from the store's standard
     variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). Boxes may reach up to 1 px
@@ -223,9 +295,14 @@ def load_coco(
     annotations are kept. Soft problems (a category with no annotations, a category name used
     twice) are ``UserWarning``s.
 
+    Segmentations (polygons or RLE) are checked and kept (``CocoDataset.segmentations``).
+
     Raises:
-        DatasetError: the first problem found, in the order structure, categories, images,
-            annotations, files; a one-line message naming the field and the record's index and id.
+        DatasetError: every problem found, in the order structure, categories, images,
+            annotations, files (json order within each): ``message``/``path`` name the first,
+            ``problems`` holds one line each (the first 50), ``problem_count`` counts them all.
+            Problems that make the later checks meaningless (invalid json, a missing or empty
+            section, a missing or duplicate id) stop the checks at once.
         StorageError: the json's or the images' storage cannot be used (unknown scheme, no such
             bucket, credentials, endpoint); one line naming the location.
     """
@@ -235,6 +312,8 @@ def load_coco(
         raise TypeError(f"image_root must be a path or None, got {type(image_root).__name__}")
     if not isinstance(check_images, bool):
         raise TypeError(f"check_images must be True or False, got {check_images!r}")
+    if not isinstance(exclude_unreadable, bool):
+        raise TypeError(f"exclude_unreadable must be True or False, got {exclude_unreadable!r}")
     ann_fs, ann_path, ann_location = open_location(_location(annotations, "annotations"),
                                                    what="annotations")
     if image_root is None:
@@ -245,7 +324,7 @@ def load_coco(
                                                           what="image root")
     _FILESYSTEMS[_cache_key(root_location)] = (root_fs, root_path)
     files = _validate.ImageFiles(root_fs, root_path, root_location)
-    return _load_coco((ann_fs, ann_path, ann_location), files, check_images)
+    return _load_coco((ann_fs, ann_path, ann_location), files, check_images, exclude_unreadable)
 
 
 _SHORTENED_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
@@ -263,17 +342,41 @@ def _location(value: str | os.PathLike[str], what: str) -> str:
 
 
 def _load_coco(annotations: tuple[pafs.FileSystem, str, str], files: _validate.ImageFiles,
-               check_images: bool) -> CocoDataset:
+               check_images: bool, exclude_unreadable: bool = False) -> CocoDataset:
     where = _validate.shown(annotations[2])
     raw, doc = _validate.read_document(*annotations)
     cat_items, image_items, ann_items = _validate.sections(doc, where)
-    cats = _validate.parse_categories(cat_items, where)
+    problems = _validate.Problems()
+    cats = _validate.parse_categories(cat_items, where, problems)
     category_ids = np.array([c[0] for c in cats], dtype=np.int64)
-    images = _validate.parse_images(image_items, where)
-    anns = _validate.parse_annotations(ann_items, images, category_ids, where)
-    sizes = _validate.check_image_files(files, images, decode=check_images, path=where)
+    images = _validate.parse_images(image_items, where, problems)
+    anns = _validate.parse_annotations(ann_items, images, category_ids, where, problems)
+    faults: list[_validate.FileFault] = []
+    try:
+        sizes = _validate.check_image_files(files, images, decode=check_images, path=where, faults=faults)
+    except DatasetError as e:  # the image root itself: no file can be checked
+        problems.add(e.message, e.path or where)
+        sizes = np.full(len(images.ids), -1, dtype=np.int64)
+    excluded: list[ExcludedImage] = []
+    for f in faults:
+        if exclude_unreadable and f.unreadable:
+            excluded.append(ExcludedImage(int(images.ids[f.index]), images.file_names[f.index], f.problem))
+        else:
+            at = _validate._at("images", f.index, {"id": int(images.ids[f.index])})
+            problems.add(f"{at}: {f.problem}", f.path)
+    problems.raise_if_any()
+    assert anns is not None  # no problems: the table was built
+    all_names = images.file_names
+    keep = np.ones(len(images.ids), dtype=bool)
+    if excluded:
+        keep[[f.index for f in faults if f.unreadable]] = False
+        images, anns = _without_images(images, anns, keep, excluded, where)
+        _warn_excluded(excluded, faults, where)
     for message in _validate.soft_problems(cats, anns):
         warnings.warn(f"{where}: {message}", UserWarning, stacklevel=3)
+    segmentations = anns.segmentations
+    if segmentations is not None:
+        segmentations = dataclasses.replace(segmentations, missing=_first_without_mask(anns))
     return CocoDataset(
         annotations_path=annotations[2],
         image_root=files.location,
@@ -288,13 +391,62 @@ def _load_coco(annotations: tuple[pafs.FileSystem, str, str], files: _validate.I
         classes=anns.classes,
         iscrowd=anns.iscrowd,
         image_extras=images.extras,
-        fingerprint=_fingerprint(raw, images.file_names, sizes),
+        fingerprint=_fingerprint(raw, all_names, sizes, keep),
+        segmentations=segmentations,
+        excluded=tuple(excluded),
     )
 
 
-def _fingerprint(raw_json: bytes, file_names: tuple[str, ...], sizes: np.ndarray) -> str:
-    """sha256 hex of the json bytes and each image's name and byte size (not its location)."""
+def _without_images(images: _validate.ImageTable, anns: _validate.AnnotationTable,
+                    keep: np.ndarray, excluded: list[ExcludedImage], where: str):
+    """The images where ``keep`` is set, and their annotations; DatasetError when nothing to
+    train on is left."""
+    if not keep.any():
+        raise DatasetError(f"all {len(keep)} images were excluded as unreadable (exclude_unreadable), "
+                           f"the first as {excluded[0].reason}", path=where)
+    images, anns = images.take(keep), anns.take_images(keep)
+    n_excluded = len(excluded)
+    if anns.iscrowd.all():
+        left = ("none of the annotations is left" if not len(anns.iscrowd)
+                else f"the {len(anns.iscrowd)} annotations left are all crowd ('iscrowd': 1)")
+        raise DatasetError(f"after excluding {n_excluded} unreadable image{'s' if n_excluded > 1 else ''}, "
+                           f"{left}: nothing to train on", path=where)
+    return images, anns
+
+
+def _warn_excluded(excluded: list[ExcludedImage], faults: list[_validate.FileFault], where: str) -> None:
+    at = [f.index for f in faults if f.unreadable]
+    listed = "; ".join(f"images[{i}] (id {e.image_id}): {e.reason}" for i, e in zip(at[:3], excluded))
+    more = f"; and {len(excluded) - 3} more" if len(excluded) > 3 else ""
+    n = len(excluded)
+    warnings.warn(
+        f"{where}: excluded {n} image{'s' if n > 1 else ''} whose file cannot be read, and "
+        f"{'their' if n > 1 else 'its'} annotations (exclude_unreadable; listed in "
+        f"CocoDataset.excluded): {listed}{more}", UserWarning, stacklevel=4,
+    )
+
+
+def _first_without_mask(anns: _validate.AnnotationTable) -> str | None:
+    """One line naming the first (json order) non-crowd annotation without a segmentation."""
+    seg = anns.segmentations
+    assert seg is not None and anns.json_index is not None
+    lacking = np.flatnonzero((seg.kind == _validate.NO_MASK) & ~anns.iscrowd)
+    if not lacking.size:
+        return None
+    row = int(lacking[np.argmin(anns.json_index[lacking])])
+    empty = anns.empty_segmentation is not None and bool(anns.empty_segmentation[row])
+    what = "'segmentation' is empty" if empty else "no 'segmentation'"
+    total = int((~anns.iscrowd).sum())
+    return (f"annotations[{int(anns.json_index[row])}] (id {int(anns.ids[row])}): {what}, which "
+            f"MODEL.MASK_ON needs ({lacking.size} of {total} non-crowd annotations have none)")
+
+
+def _fingerprint(raw_json: bytes, file_names: tuple[str, ...], sizes: np.ndarray,
+                 kept: np.ndarray | None = None) -> str:
+    """sha256 hex of the json bytes and each image's name and byte size (not its location); an
+    image excluded as unreadable counts by its name and the mark ``excluded``."""
     h = hashlib.sha256(raw_json)
-    for name, size in zip(file_names, sizes.tolist()):
-        h.update(f"\0{name}\0{size}".encode("utf-8", "surrogatepass"))
+    kept_list = [True] * len(file_names) if kept is None else kept.tolist()
+    for name, size, k in zip(file_names, sizes.tolist(), kept_list):
+        h.update(f"\0{name}\0{size if k else 'excluded'}".encode("utf-8", "surrogatepass"))
     return h.hexdigest()

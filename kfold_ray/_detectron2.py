@@ -27,7 +27,7 @@ from ._backend import DiscardParts, FoldEvent, FoldTask, Progress
 from ._config import TrainConfig
 from ._dataset import CocoDataset
 from ._checkpoints import CheckpointSync
-from ._exceptions import ConfigError, FoldOutOfMemoryError, ImageReadError
+from ._exceptions import ConfigError, DatasetError, FoldOutOfMemoryError, ImageReadError
 from ._schema import batch_image_indices, make_prediction_batch
 from ._storage import Storage, is_uri
 
@@ -98,7 +98,11 @@ class Detectron2Backend:
 
     # ---- configuration ----------------------------------------------------------------------
     def validate(self, train: TrainConfig, dataset: CocoDataset) -> None:
-        self.build_cfg(train, num_classes=dataset.num_classes, device="cpu")
+        cfg = self.build_cfg(train, num_classes=dataset.num_classes, device="cpu")
+        if cfg.MODEL.MASK_ON:
+            problem = dataset.segmentation_problem()
+            if problem:
+                raise DatasetError(problem, path=str(dataset.annotations_path))
 
     def describe(self, train: TrainConfig, dataset: CocoDataset) -> str:
         """The merged config every fold trains with, as YAML (Detectron2's ``cfg.dump()``).
@@ -130,7 +134,7 @@ class Detectron2Backend:
     def build_cfg(self, train: TrainConfig, *, num_classes: int, device: str, output_dir: str = "",
                   dataset_name: str = "", seed: int = 0, checkpoint_period: int | None = None,
                   score_threshold: float = 0.05, num_workers: int | None = None,
-                  weights: str | None = None):
+                  weights: str | None = None, mask_format: str | None = None):
         """Detectron2 ``CfgNode``: base config + preset + user overrides + what kfold-ray owns."""
         _import_detectron2()
         from detectron2 import model_zoo
@@ -152,6 +156,8 @@ class Detectron2Backend:
                        score_threshold=score_threshold, num_workers=num_workers)
         if weights is not None:
             cfg.MODEL.WEIGHTS = weights
+        if cfg.MODEL.MASK_ON and mask_format == "bitmask":
+            cfg.INPUT.MASK_FORMAT = "bitmask"  # RLE masks: Detectron2's polygon format refuses them
         return cfg
 
     @staticmethod
@@ -196,14 +202,15 @@ class Detectron2Backend:
         resumed = sync.pull()
         _log_to_file(scratch / "log.txt")
         weights = _local_weights(task.weights, scratch)
-        train_name = _register_split(f"{task.run_name}_fold{task.fold}_a{task.attempt}_train",
-                                     dataset, task.train_indices)
+        train_name = f"{task.run_name}_fold{task.fold}_a{task.attempt}_train"
         cfg = self.build_cfg(
             task.train, num_classes=dataset.num_classes, device=device, output_dir=str(scratch),
             dataset_name=train_name, seed=task.seed, checkpoint_period=task.checkpoint_period,
             score_threshold=task.predict.score_threshold,
             num_workers=max(0, int(task.num_cpus) - 1), weights=weights,
+            mask_format=dataset.mask_format,
         )
+        _register_split(train_name, dataset, task.train_indices, masks=bool(cfg.MODEL.MASK_ON))
         _fold_log(task, resumed, sync)
         try:
             model = yield from _train(cfg, task.fold, sync)

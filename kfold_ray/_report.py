@@ -185,7 +185,11 @@ def open_run(run_dir: str | os.PathLike[str], *, dataset: CocoDataset | None = N
             annotations, image_root = config["annotations"], config["image_root"]
         except (KeyError, TypeError):
             raise ConfigError(f"{run_dir / 'config.json'}: no annotations/image_root recorded") from None
-        dataset = load_coco(annotations, image_root, check_images=False)
+        # A run that left unreadable images out must leave the same ones out again (which needs
+        # the images looked at); else the files only need to exist.
+        excluded = bool(config.get("exclude_unreadable"))
+        dataset = load_coco(annotations, image_root, check_images=excluded,
+                            exclude_unreadable=excluded)
     expected = config.get("dataset_fingerprint")
     if expected and dataset.fingerprint != expected:
         raise DatasetError(

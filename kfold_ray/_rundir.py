@@ -6,6 +6,7 @@ one place that names them::
     run.json                  state: run name, fingerprint, status (running / finished)
     config.json               what the run was made from (dataset location, CVConfig, versions)
     model_config.yaml         the merged model config every fold trains with (Detectron2's dump)
+    excluded_images.json      images left out as unreadable (--exclude-unreadable), with the reason
     folds.json                the fold plan (read back on --resume, never recomputed)
     weights/                  MODEL.WEIGHTS, fetched once by the driver, read by every fold
     folds/fold_000/           a fold's checkpoints (newest kept), last_checkpoint, log.txt
@@ -39,6 +40,7 @@ CONFIG = "config.json"
 FOLD_PLAN = "folds.json"
 METRICS = "metrics.json"
 MODEL_CONFIG = "model_config.yaml"
+EXCLUDED_IMAGES = "excluded_images.json"
 WEIGHTS = "weights"
 PARTS = "parts"
 FOLD_WORK = "folds"
@@ -100,6 +102,8 @@ def prepare(storage: Storage, dataset: "CocoDataset", config: "CVConfig", plan: 
     write_plan(storage, plan)
     if model_config:
         storage.write_text(MODEL_CONFIG, model_config)
+    if dataset.excluded:
+        storage.write_json(EXCLUDED_IMAGES, dataset.excluded_records())
     storage.write_json(CONFIG, config_record(dataset, config))
     storage.write_json(RUN_STATE, {
         "run_name": run_name(storage), "fingerprint": fingerprint,
@@ -166,6 +170,7 @@ def config_record(dataset: "CocoDataset", config: "CVConfig") -> dict[str, Any]:
         "annotations": str(dataset.annotations_path),
         "image_root": str(dataset.image_root),
         "dataset_fingerprint": dataset.fingerprint,
+        "exclude_unreadable": bool(dataset.excluded),
         "num_images": dataset.num_images,
         "num_classes": dataset.num_classes,
         "config": config.to_json(),

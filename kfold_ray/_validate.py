@@ -1,13 +1,16 @@
 """Checks on a COCO detection json and its image files, run before anything is reserved.
 
-Every problem raises `DatasetError` with a one-line message that names the json field and the
-record at fault (``annotations[3] (id 17): 'bbox' has negative width -4.0``); its ``path`` is the
-file at fault (the json, or an image file that cannot be read). Problems are looked for in a fixed
-order (structure, categories, images, annotations, files), and within a check in json order, so
-the same bad input always gets the same message.
+Every problem is a one-line message that names the json field and the record at fault
+(``annotations[3] (id 17): 'bbox' has negative width -4.0``) and the file at fault (the json, or
+an image file that cannot be read). The checks find every problem in one pass (`Problems`):
+they go on past a bad record, and `load_coco` raises one `DatasetError` that lists them all.
+Only problems that make the later checks meaningless stop at once: invalid json, a missing or
+empty section, a missing or duplicate id. Problems are reported in a fixed order (structure,
+categories, images, annotations, files), and within a section in json order, so the same bad
+input always gets the same messages.
 
 The checks are vectorized where the json allows it: a fast pass over a whole column (set of
-types, numpy comparisons) and, only when it fails, a slow pass to find the first record at fault.
+types, numpy comparisons) and, only when it fails, a slow pass to find each record at fault.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -202,23 +205,125 @@ def sections(doc: Mapping[str, Any], path: str) -> tuple[list, list, list]:
     return out[0], out[1], out[2]
 
 
+# ---- collecting problems ----------------------------------------------------------------------
+MAX_PROBLEMS = DatasetError.MAX_PROBLEMS
+
+
+class Problems:
+    """The problems found so far, in check order: the first `MAX_PROBLEMS` as lines
+    (``"<file>: <problem>"``), the first one's message and file, and how many in all."""
+
+    def __init__(self) -> None:
+        self.first: tuple[str, str] | None = None
+        self.lines: list[str] = []
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    @property
+    def room(self) -> int:
+        return max(0, MAX_PROBLEMS - len(self.lines))
+
+    def add(self, message: str, path: str) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = (message, path)
+        if len(self.lines) < MAX_PROBLEMS:
+            self.lines.append(f"{path}: {message}")
+
+    def error(self) -> DatasetError:
+        assert self.first is not None
+        message, path = self.first
+        return DatasetError(message, path=path, problems=self.lines, problem_count=self.count)
+
+    def raise_if_any(self) -> None:
+        if self:
+            raise self.error()
+
+
+class _Records:
+    """Problems of one section's records, found check by check (a check may be vectorized:
+    ``add(rows, problem_of_row)``) and reported in record order, then check order. Messages are
+    only built for the problems that are shown."""
+
+    def __init__(self, section: str, items: list, path: str) -> None:
+        self.section, self.items, self.path = section, items, path
+        self._batches: list[tuple[np.ndarray, int, Any]] = []  # (rows, check number, row -> problem)
+        self._singles: list[tuple[int, int, str]] = []  # (row, check number, problem)
+        self._checks = 0
+
+    def add(self, rows: Any, problem) -> None:
+        """``problem(i) -> str`` for each row ``i`` of ``rows`` (an index array or a bool mask)."""
+        rows = np.asarray(rows)
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64).reshape(-1)
+        if rows.size:
+            self._batches.append((rows, self._checks, problem))
+        self._checks += 1
+
+    def one(self, i: int, problem: str) -> None:
+        self._singles.append((i, self._checks, problem))
+        self._checks += 1
+
+    def __bool__(self) -> bool:
+        return bool(self._singles or self._batches)
+
+    def report(self, problems: Problems) -> None:
+        if not self:
+            return
+        rows = np.concatenate([b[0] for b in self._batches] + [np.array([s[0] for s in self._singles], np.int64)])
+        check = np.concatenate([np.full(b[0].size, b[1], np.int64) for b in self._batches]
+                               + [np.array([s[1] for s in self._singles], np.int64)])
+        which = np.concatenate([np.full(b[0].size, k, np.int64) for k, b in enumerate(self._batches)]
+                               + [-1 - np.arange(len(self._singles), dtype=np.int64)])
+        order = np.lexsort((check, rows))
+        shown_now = order[: problems.room]
+        for j in shown_now.tolist():
+            i, w = int(rows[j]), int(which[j])
+            text = self._batches[w][2](i) if w >= 0 else self._singles[-1 - w][2]
+            problems.add(f"{_at(self.section, i, self.items[i])}: {text}", self.path)
+        problems.count += int(order.size - shown_now.size)
+
+
 # ---- columns ----------------------------------------------------------------------------------
+def _int_problem(key: str, v: Any) -> str:
+    if v is _MISSING:
+        return f"missing {key!r}"
+    if type(v) is int:
+        return f"{key!r} {v} does not fit in 64 bits"
+    return f"{key!r} must be an integer, got {show(v)} ({_kind(v)})"
+
+
 def _int_column(
     items: list, section: str, key: str, path: str, default: Any = _MISSING
 ) -> np.ndarray:
-    """int64 column ``key`` of ``items``: every value a json integer (not a bool, not 3.0)."""
+    """int64 column ``key`` of ``items``: every value a json integer (not a bool, not 3.0).
+    Raises at the first bad value (ids: the checks after them need them)."""
     values = [it.get(key, default) for it in items]
     if set(map(type, values)) - {int}:
         i, v = next((i, v) for i, v in enumerate(values) if type(v) is not int)
-        problem = f"missing {key!r}" if v is _MISSING else (
-            f"{key!r} must be an integer, got {show(v)} ({_kind(v)})")
-        raise _fail(path, section, i, items[i], problem)
+        raise _fail(path, section, i, items[i], _int_problem(key, v))
     try:
         return np.array(values, dtype=np.int64)
     except OverflowError:
         i = next(i for i, v in enumerate(values) if not -(2**63) <= v < 2**63)
-        problem = f"{key!r} {values[i]} does not fit in 64 bits"
-        raise _fail(path, section, i, items[i], problem) from None
+        raise _fail(path, section, i, items[i], _int_problem(key, values[i])) from None
+
+
+def _int_values(items: list, key: str, found: _Records) -> tuple[np.ndarray, np.ndarray]:
+    """int64 column ``key`` (0 where bad) and a mask of the records where it is a valid json
+    integer; each bad one is a problem in ``found``."""
+    values = [it.get(key, _MISSING) for it in items]
+    if not set(map(type, values)) - {int}:
+        try:
+            return np.array(values, dtype=np.int64), np.ones(len(values), dtype=bool)
+        except OverflowError:
+            pass
+    ok = [type(v) is int and -(2**63) <= v < 2**63 for v in values]
+    for i in (i for i, good in enumerate(ok) if not good):
+        found.one(i, _int_problem(key, values[i]))
+    column = np.array([v if good else 0 for v, good in zip(values, ok)], dtype=np.int64)
+    return column, np.array(ok, dtype=bool)
 
 
 def _check_unique(ids: np.ndarray, items: list, section: str, what: str, path: str) -> None:
@@ -241,30 +346,41 @@ def _index_of(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndar
     return order[pos], found
 
 
-def _first(mask: np.ndarray) -> int | None:
-    return int(np.argmax(mask)) if mask.any() else None
-
-
 # ---- categories -------------------------------------------------------------------------------
-def parse_categories(items: list, path: str) -> list[tuple[int, str, str | None]]:
-    """(id, name, supercategory) of each category, sorted by id (position = class index)."""
+def parse_categories(items: list, path: str, problems: Problems | None = None
+                     ) -> list[tuple[int, str, str | None]]:
+    """(id, name, supercategory) of each category, sorted by id (position = class index).
+
+    Missing or duplicate ids stop at once; other problems go to ``problems`` (raised here
+    when it is None)."""
     if not items:
         raise DatasetError("'categories' is empty: a detector needs at least one class", path=path)
     ids = _int_column(items, "categories", "id", path)
     _check_unique(ids, items, "categories", "category", path)
-    for i, it in enumerate(items):
+    found = _Records("categories", items, path)
+    cats = []
+    for i, (cid, it) in enumerate(zip(ids.tolist(), items)):
         name = it.get("name", _MISSING)
         if name is _MISSING:
-            raise _fail(path, "categories", i, it, "missing 'name'")
-        if not isinstance(name, str) or not name.strip():
-            problem = f"'name' must be a non-empty string, got {show(name)}"
-            raise _fail(path, "categories", i, it, problem)
+            found.one(i, "missing 'name'")
+        elif not isinstance(name, str) or not name.strip():
+            found.one(i, f"'name' must be a non-empty string, got {show(name)}")
         sup = it.get("supercategory")
         if sup is not None and not isinstance(sup, str):
-            problem = f"'supercategory' must be a string, got {show(sup)}"
-            raise _fail(path, "categories", i, it, problem)
-    cats = [(int(i), it["name"], it.get("supercategory")) for i, it in zip(ids.tolist(), items)]
-    return sorted(cats)
+            found.one(i, f"'supercategory' must be a string, got {show(sup)}")
+        cats.append((int(cid), name if isinstance(name, str) else "",
+                     sup if isinstance(sup, str) else None))
+    _report(found, problems)
+    return sorted(cats, key=lambda c: c[0])
+
+
+def _report(found: _Records, problems: Problems | None) -> None:
+    if problems is None:
+        own = Problems()
+        found.report(own)
+        own.raise_if_any()
+    else:
+        found.report(problems)
 
 
 # ---- images -----------------------------------------------------------------------------------
@@ -275,32 +391,47 @@ class ImageTable:
     widths: np.ndarray
     heights: np.ndarray
     extras: tuple[dict[str, Any], ...]
+    #: bool (N,): the file name is valid (its file can be checked); None: all are.
+    name_ok: np.ndarray | None = None
+    #: bool (N,): width and height are valid (boxes and the file can be checked against them).
+    size_ok: np.ndarray | None = None
+
+    def take(self, keep: np.ndarray) -> "ImageTable":
+        """The images where the bool mask ``keep`` is set."""
+        names = tuple(n for n, k in zip(self.file_names, keep.tolist()) if k)
+        extras = tuple(e for e, k in zip(self.extras, keep.tolist()) if k)
+        return ImageTable(self.ids[keep], names, self.widths[keep], self.heights[keep], extras)
 
 
-def parse_images(items: list, path: str) -> ImageTable:
+def parse_images(items: list, path: str, problems: Problems | None = None) -> ImageTable:
+    """The images; missing or duplicate ids stop at once, other problems go to ``problems``
+    (raised here when it is None)."""
     if not items:
         raise DatasetError("'images' is empty: the dataset has no images", path=path)
     ids = _int_column(items, "images", "id", path)
     _check_unique(ids, items, "images", "image", path)
-    names = _file_names(items, path)
-    sizes = []
+    found = _Records("images", items, path)
+    names, name_ok = _file_names(items, found)
+    sizes, size_ok = [], np.ones(len(items), dtype=bool)
     for key in ("width", "height"):
-        col = _int_column(items, "images", key, path)
-        if (i := _first(col <= 0)) is not None:
-            raise _fail(path, "images", i, items[i], f"{key!r} must be positive, got {col[i]}")
+        col, ok = _int_values(items, key, found)
+        bad = ok & (col <= 0)
+        found.add(bad, lambda i, key=key, col=col: f"{key!r} must be positive, got {col[i]}")
+        size_ok &= ok & ~bad
         sizes.append(col)
+    _report(found, problems)
     extras = tuple({k: v for k, v in it.items() if k not in _IMAGE_KEYS} for it in items)
-    return ImageTable(ids, names, sizes[0], sizes[1], extras)
+    return ImageTable(ids, names, sizes[0], sizes[1], extras, name_ok, size_ok)
 
 
-def _file_names(items: list, path: str) -> tuple[str, ...]:
-    """Each ``file_name``: a non-empty relative path that stays inside the image root, used once."""
+def _file_names(items: list, found: _Records) -> tuple[tuple[str, ...], np.ndarray]:
+    """Each ``file_name`` ("" where bad), and a mask of the valid ones: a non-empty relative
+    path that stays inside the image root, used once."""
     seen: dict[str, int] = {}
+    names, ok = [], np.ones(len(items), dtype=bool)
     for i, it in enumerate(items):
         name = it.get("file_name", _MISSING)
-        if name is _MISSING:
-            raise _fail(path, "images", i, it, "missing 'file_name'")
-        problem = _file_name_problem(name)
+        problem = "missing 'file_name'" if name is _MISSING else _file_name_problem(name)
         if problem is None:
             odd = "./" in name or "//" in name or name[-1] in "/."
             key = os.path.normpath(name) if odd else name
@@ -309,8 +440,10 @@ def _file_names(items: list, path: str) -> tuple[str, ...]:
                 problem = f"'file_name' {show(name)} is also used by {_at('images', j, items[j])}"
             seen[key] = i
         if problem:
-            raise _fail(path, "images", i, it, problem)
-    return tuple(it["file_name"] for it in items)
+            found.one(i, problem)
+            ok[i] = False
+        names.append(name if isinstance(name, str) else "")
+    return tuple(names), ok
 
 
 def _file_name_problem(name: Any) -> str | None:
@@ -340,49 +473,74 @@ class AnnotationTable:
     boxes: np.ndarray  # float32 (M, 4) xyxy, clipped to the image
     classes: np.ndarray  # int64 (M,)
     iscrowd: np.ndarray  # bool (M,)
+    segmentations: "Segmentations | None" = None  # rows aligned with the above
+    json_index: np.ndarray | None = None  # int64 (M,): position in the json's 'annotations'
+    #: bool (M,): 'segmentation' present but null or [] (for messages)
+    empty_segmentation: np.ndarray | None = None
+
+    def take_images(self, keep: np.ndarray) -> "AnnotationTable":
+        """The annotations of the images where the bool mask ``keep`` is set."""
+        counts = np.diff(self.offsets)
+        rows = np.flatnonzero(np.repeat(keep, counts))
+        offsets = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)
+        opt = lambda a: None if a is None else a[rows]  # noqa: E731
+        return AnnotationTable(
+            offsets, self.ids[rows], self.boxes[rows], self.classes[rows], self.iscrowd[rows],
+            None if self.segmentations is None else self.segmentations.take(rows),
+            opt(self.json_index), opt(self.empty_segmentation),
+        )
 
 
 def parse_annotations(
-    items: list, images: ImageTable, category_ids: np.ndarray, path: str
-) -> AnnotationTable:
-    """``category_ids``: int64 (C,) sorted; a category's class index is its position there."""
+    items: list, images: ImageTable, category_ids: np.ndarray, path: str,
+    problems: Problems | None = None,
+) -> AnnotationTable | None:
+    """``category_ids``: int64 (C,) sorted; a category's class index is its position there.
+
+    Missing or duplicate ids stop at once; every other problem goes to ``problems`` (raised here
+    when it is None), and then the table is None."""
+    own = problems is None
+    problems = Problems() if own else problems
+    table = _parse_annotations(items, images, category_ids, path, problems)
+    if own:
+        problems.raise_if_any()
+    return table
+
+
+def _parse_annotations(items: list, images: ImageTable, category_ids: np.ndarray, path: str,
+                       problems: Problems) -> AnnotationTable | None:
     if not items:
-        raise DatasetError("'annotations' is empty: nothing to train on", path=path)
+        problems.add("'annotations' is empty: nothing to train on", path)
+        return None
     sec = "annotations"
     ids = _int_column(items, sec, "id", path)
     _check_unique(ids, items, sec, "annotation", path)
-    image_of, known = _index_of(images.ids, _int_column(items, sec, "image_id", path))
-    if (i := _first(~known)) is not None:
-        raise _fail(path, sec, i, items[i], f"'image_id' {items[i]['image_id']} is not in 'images'")
-    classes, known = _index_of(category_ids, _int_column(items, sec, "category_id", path))
-    if (i := _first(~known)) is not None:
-        cid = items[i]["category_id"]
-        raise _fail(path, sec, i, items[i], f"'category_id' {cid} is not in 'categories'")
-    boxes = _boxes(items, images, image_of, path)
-    crowd = _iscrowd(items, path)
+    found = _Records(sec, items, path)
+    image_ids, image_ok = _int_values(items, "image_id", found)
+    image_of, known = _index_of(images.ids, image_ids)
+    found.add(image_ok & ~known, lambda i: f"'image_id' {items[i]['image_id']} is not in 'images'")
+    image_ok &= known
+    category, category_ok = _int_values(items, "category_id", found)
+    classes, known = _index_of(category_ids, category)
+    found.add(category_ok & ~known,
+              lambda i: f"'category_id' {items[i]['category_id']} is not in 'categories'")
+    # Boxes and masks are checked against their image when it is known and has a valid size.
+    sized = image_ok & (True if images.size_ok is None else images.size_ok[image_of])
+    boxes = _boxes(items, images, image_of, sized, found)
+    crowd = _iscrowd(items, found)
+    segmentations, empty = parse_segmentations(items, images, image_of, sized, found)
+    if found:
+        found.report(problems)
+        return None
     if crowd.all():
-        msg = f"all {len(items)} annotations are crowd ('iscrowd': 1): nothing to train on"
-        raise DatasetError(msg, path=path)
+        problems.add(f"all {len(items)} annotations are crowd ('iscrowd': 1): nothing to train on", path)
+        return None
     order = np.argsort(image_of, kind="stable")  # group by image, json order inside
     counts = np.bincount(image_of, minlength=len(images.ids))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     classes = classes[order].astype(np.int64)
-    return AnnotationTable(offsets, ids[order], boxes[order], classes, crowd[order])
-
-
-def _bbox_column(items: list, path: str) -> np.ndarray:
-    """float64 (M, 4) xywh, after checking each ``bbox`` is a list of 4 json numbers."""
-    bbs = [it.get("bbox", _MISSING) for it in items]
-    fast_ok = (
-        set(map(type, bbs)) == {list}
-        and set(map(len, bbs)) == {4}
-        and not set(map(type, chain.from_iterable(bbs))) - {int, float}
-    )
-    if not fast_ok:
-        for i, b in enumerate(bbs):
-            if (problem := _bbox_shape_problem(b)) is not None:
-                raise _fail(path, "annotations", i, items[i], problem)
-    return np.array(bbs, dtype=np.float64).reshape(-1, 4)
+    return AnnotationTable(offsets, ids[order], boxes[order], classes, crowd[order],
+                           segmentations.take(order), order.astype(np.int64), empty[order])
 
 
 def _bbox_shape_problem(b: Any) -> str | None:
@@ -395,41 +553,325 @@ def _bbox_shape_problem(b: Any) -> str | None:
     return None
 
 
-def _boxes(items: list, images: ImageTable, image_of: np.ndarray, path: str) -> np.ndarray:
+def _boxes(items: list, images: ImageTable, image_of: np.ndarray, sized: np.ndarray,
+           found: _Records) -> np.ndarray:
     """float32 (M, 4) xyxy boxes, checked against and clipped to their image."""
-    xywh = _bbox_column(items, path)
-    sec = "annotations"
-    if (i := _first(~np.isfinite(xywh).all(axis=1))) is not None:
-        raise _fail(path, sec, i, items[i], f"'bbox' {show(items[i]['bbox'])} is not finite")
-    for col, what in ((2, "width"), (3, "height")):
-        if (i := _first(xywh[:, col] <= 0)) is not None:
-            v = xywh[i, col]
-            problem = f"has zero {what}" if v == 0 else f"has negative {what} {v}"
-            raise _fail(path, sec, i, items[i], f"'bbox' {show(items[i]['bbox'])} {problem}")
-    x1, y1 = xywh[:, 0], xywh[:, 1]
-    x2, y2 = x1 + xywh[:, 2], y1 + xywh[:, 3]
-    w = images.widths[image_of].astype(np.float64)
-    h = images.heights[image_of].astype(np.float64)
-    tol = BOX_TOLERANCE_PX
-    outside = (x1 < -tol) | (y1 < -tol) | (x2 > w + tol) | (y2 > h + tol)
-    xyxy = np.stack([np.clip(x1, 0, w), np.clip(y1, 0, h), np.clip(x2, 0, w), np.clip(y2, 0, h)], 1)
-    empty = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
+    sec_bbox = lambda i: show(items[i]["bbox"])  # noqa: E731
+    bbs = [it.get("bbox", _MISSING) for it in items]
+    good = np.ones(len(bbs), dtype=bool)
+    fast_ok = (
+        set(map(type, bbs)) == {list}
+        and set(map(len, bbs)) == {4}
+        and not set(map(type, chain.from_iterable(bbs))) - {int, float}
+    )
+    if not fast_ok:
+        for i, b in enumerate(bbs):
+            if (problem := _bbox_shape_problem(b)) is not None:
+                found.one(i, problem)
+                good[i] = False
+        bbs = [b if g else [0, 0, 1, 1] for b, g in zip(bbs, good.tolist())]
+    try:
+        xywh = np.array(bbs, dtype=np.float64).reshape(-1, 4)
+    except OverflowError:  # an integer beyond float range: not finite, as json's 1e999 would be
+        xywh = np.array([[_as_float(v) for v in b] for b in bbs], dtype=np.float64).reshape(-1, 4)
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = good & ~np.isfinite(xywh).all(axis=1)
+        found.add(bad, lambda i: f"'bbox' {sec_bbox(i)} is not finite")
+        good &= ~bad
+        for col, what in ((2, "width"), (3, "height")):
+            bad = good & (xywh[:, col] <= 0)
+
+            def problem(i, col=col, what=what):
+                v = xywh[i, col]
+                return f"'bbox' {sec_bbox(i)} " + (f"has zero {what}" if v == 0 else f"has negative {what} {v}")
+
+            found.add(bad, problem)
+            good &= ~bad
+        x1, y1 = xywh[:, 0], xywh[:, 1]
+        x2, y2 = x1 + xywh[:, 2], y1 + xywh[:, 3]
+        w = images.widths[image_of].astype(np.float64)
+        h = images.heights[image_of].astype(np.float64)
+        tol = BOX_TOLERANCE_PX
+        outside = (x1 < -tol) | (y1 < -tol) | (x2 > w + tol) | (y2 > h + tol)
+        xyxy = np.stack([np.clip(x1, 0, w), np.clip(y1, 0, h), np.clip(x2, 0, w), np.clip(y2, 0, h)], 1)
+        empty = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
+    checked = good & sized
     for mask, how in ((outside, f"reaches more than {tol:g} px outside"), (empty, "lies outside")):
-        if (i := _first(mask)) is not None:
+        bad = checked & mask
+
+        def problem(i, how=how):
             k = int(image_of[i])
             img = f"image {images.ids[k]} ({images.widths[k]}x{images.heights[k]})"
-            raise _fail(path, sec, i, items[i], f"'bbox' {show(items[i]['bbox'])} {how} its {img}")
+            return f"'bbox' {sec_bbox(i)} {how} its {img}"
+
+        found.add(bad, problem)
+        checked &= ~bad
     return xyxy.astype(np.float32)
 
 
-def _iscrowd(items: list, path: str) -> np.ndarray:
+def _as_float(v: int | float) -> float:
+    try:
+        return float(v)
+    except OverflowError:
+        return float("inf")
+
+
+def _iscrowd(items: list, found: _Records) -> np.ndarray:
     values = [it.get("iscrowd", 0) for it in items]
     if set(map(type, values)) - {int, bool} or set(values) - {0, 1}:
-        i, v = next(
-            (i, v) for i, v in enumerate(values) if type(v) not in (int, bool) or v not in (0, 1)
-        )
-        raise _fail(path, "annotations", i, items[i], f"'iscrowd' must be 0 or 1, got {show(v)}")
+        for i, v in enumerate(values):
+            if type(v) not in (int, bool) or v not in (0, 1):
+                found.one(i, f"'iscrowd' must be 0 or 1, got {show(v)}")
+                values[i] = 0
     return np.array(values, dtype=bool)
+
+
+# ---- segmentations (masks) --------------------------------------------------------------------
+NO_MASK, POLYGONS, RLE = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentations:
+    """Each annotation's COCO ``segmentation``, packed in a few arrays (cheap to pickle; no
+    Python object per polygon). Row ``r`` is annotation row ``r`` of the dataset.
+
+    Attributes:
+        kind: uint8 (M,): `NO_MASK`, `POLYGONS` or `RLE`.
+        polygon_offsets: int64 (M + 1,): row ``r``'s polygons are ``polygon_offsets[r]:[r + 1]``.
+        coord_offsets: int64 (P + 1,): polygon ``p`` is ``coords[coord_offsets[p]:[p + 1]]``.
+        coords: float32 (C,): the polygons' flat ``x, y, x, y, ...``.
+        rle_index: int64 (M,): row -> position in the RLE fields, -1 for none.
+        rle_sizes: int64 (R, 2): each RLE's ``[height, width]``.
+        rle_counts: R compressed RLE strings (as in the json) or int64 arrays of run lengths.
+        missing: one line naming the first non-crowd annotation without a segmentation (json
+            order), None when every non-crowd annotation has one.
+    """
+
+    kind: np.ndarray
+    polygon_offsets: np.ndarray
+    coord_offsets: np.ndarray
+    coords: np.ndarray
+    rle_index: np.ndarray
+    rle_sizes: np.ndarray
+    rle_counts: tuple[Any, ...]
+    missing: str | None = None
+
+    def __len__(self) -> int:
+        return int(self.kind.shape[0])
+
+    def get(self, row: int) -> list[list[float]] | dict[str, Any] | None:
+        """Row ``row`` in COCO's json form: a list of polygons, or an RLE ``{"size": [h, w],
+        "counts": str | list[int]}``; None when it has none."""
+        kind = int(self.kind[row])
+        if kind == POLYGONS:
+            co = self.coord_offsets
+            lo, hi = int(self.polygon_offsets[row]), int(self.polygon_offsets[row + 1])
+            return [self.coords[co[p]:co[p + 1]].tolist() for p in range(lo, hi)]
+        if kind == RLE:
+            j = int(self.rle_index[row])
+            counts = self.rle_counts[j]
+            return {"size": self.rle_sizes[j].tolist(),
+                    "counts": counts if isinstance(counts, str) else counts.tolist()}
+        return None
+
+    def take(self, rows: np.ndarray) -> "Segmentations":
+        """The rows ``rows`` (int indices), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        polygon_offsets, polygons = _ranges(self.polygon_offsets, rows)
+        coord_offsets, coords = _ranges(self.coord_offsets, polygons)
+        picked = self.rle_index[rows]
+        has = picked >= 0
+        rle_index = np.full(rows.size, -1, dtype=np.int64)
+        rle_index[has] = np.arange(int(has.sum()), dtype=np.int64)
+        return Segmentations(
+            self.kind[rows], polygon_offsets, coord_offsets, self.coords[coords], rle_index,
+            self.rle_sizes[picked[has]].reshape(-1, 2),
+            tuple(self.rle_counts[j] for j in picked[has].tolist()), self.missing,
+        )
+
+
+def _ranges(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(new CSR offsets, element indices) of the ranges ``offsets[r]:offsets[r + 1]`` of ``rows``."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    new = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    index = np.repeat(starts - new[:-1], lengths) + np.arange(int(new[-1]), dtype=np.int64)
+    return new, index.astype(np.int64)
+
+
+def parse_segmentations(items: list, images: ImageTable, image_of: np.ndarray, sized: np.ndarray,
+                        found: _Records) -> tuple[Segmentations, np.ndarray]:
+    """Each annotation's ``segmentation`` (json order), checked: a list of polygons, each a flat
+    list of at least 6 finite numbers, x and y alternating; or an RLE object whose ``size`` is
+    its image's ``[height, width]`` and whose ``counts`` (run lengths, or COCO's compressed
+    string) cover exactly that many pixels. Absent, null or ``[]``: no mask. Also returns a bool
+    mask of the null or ``[]`` ones (for messages)."""
+    segs = [it.get("segmentation") for it in items]
+    n = len(segs)
+    kind = np.zeros(n, dtype=np.uint8)
+    empty = np.array([s is None or s == [] for s in segs], dtype=bool)
+    empty &= np.array(["segmentation" in it for it in items], dtype=bool)
+    poly_rows = [i for i, s in enumerate(segs) if type(s) is list and s]
+    rle_rows = [i for i, s in enumerate(segs) if type(s) is dict]
+    for i, s in enumerate(segs):
+        if s is not None and type(s) not in (list, dict):
+            found.one(i, "'segmentation' must be a list of polygons or an RLE object "
+                         f"{{\"size\", \"counts\"}}, got {show(s)} ({_kind(s)})")
+    coords = _polygon_coords(segs, poly_rows)
+    if coords is None:  # a bad polygon somewhere: find each, keep the good ones
+        good = []
+        for i in poly_rows:
+            if (problem := _polygon_problem(segs[i])) is not None:
+                found.one(i, problem)
+            else:
+                good.append(i)
+        poly_rows = good
+        coords = _polygon_coords(segs, poly_rows)
+        assert coords is not None
+    counts_per_row = np.zeros(n, dtype=np.int64)
+    counts_per_row[poly_rows] = [len(segs[i]) for i in poly_rows]
+    kind[poly_rows] = POLYGONS
+    lengths = np.fromiter((len(p) for i in poly_rows for p in segs[i]), dtype=np.int64)
+    rle_index = np.full(n, -1, dtype=np.int64)
+    sizes, runs = [], []
+    for i in rle_rows:
+        want = None
+        if sized[i]:
+            k = int(image_of[i])
+            want = (int(images.ids[k]), int(images.widths[k]), int(images.heights[k]))
+        problem, counts = _rle_problem(segs[i], want)
+        if problem is not None:
+            found.one(i, problem)
+            continue
+        rle_index[i] = len(sizes)
+        sizes.append(segs[i]["size"])
+        runs.append(counts)
+        kind[i] = RLE
+    table = Segmentations(
+        kind=kind,
+        polygon_offsets=np.concatenate([[0], np.cumsum(counts_per_row)]).astype(np.int64),
+        coord_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        coords=coords,
+        rle_index=rle_index,
+        rle_sizes=np.array(sizes, dtype=np.int64).reshape(-1, 2),
+        rle_counts=tuple(runs),
+    )
+    return table, empty
+
+
+def _polygon_coords(segs: list, rows: list[int]) -> np.ndarray | None:
+    """float32 flat coordinates of the polygons of ``rows``; None if any polygon is bad."""
+    polys = list(chain.from_iterable(segs[i] for i in rows))
+    if set(map(type, polys)) - {list}:
+        return None
+    lengths = np.fromiter(map(len, polys), dtype=np.int64, count=len(polys))
+    if (lengths < 6).any() or (lengths % 2).any():
+        return None
+    flat = list(chain.from_iterable(polys))
+    if set(map(type, flat)) - {int, float}:
+        return None
+    try:
+        coords = np.array(flat, dtype=np.float64)
+    except OverflowError:
+        return None
+    if not np.isfinite(coords).all() or (np.abs(coords) > np.finfo(np.float32).max).any():
+        return None
+    return coords.astype(np.float32)
+
+
+def _polygon_problem(seg: list) -> str | None:
+    if all(type(v) in (int, float) for v in seg):
+        return ("'segmentation' must be a list of polygons [[x1, y1, x2, y2, ...], ...], got a "
+                f"flat list of numbers {show(seg)}: put each polygon in a list of its own")
+    for p, poly in enumerate(seg):
+        what = f"'segmentation' polygon {p}"
+        if type(poly) is not list:
+            return f"{what} must be a list of numbers [x1, y1, x2, y2, ...], got {show(poly)}"
+        if any(type(v) not in (int, float) for v in poly):
+            return f"{what} must hold numbers only, got {show(poly)}"
+        if len(poly) < 6:
+            return f"{what} has {len(poly)} numbers; a polygon needs at least 3 points (6 numbers)"
+        if len(poly) % 2:
+            return f"{what} has an odd count of numbers ({len(poly)}); it must be x, y pairs"
+        try:
+            finite = all(abs(float(v)) <= float(np.finfo(np.float32).max) for v in poly)
+        except OverflowError:
+            finite = False
+        if not finite:
+            return f"{what} {show(poly)} is not finite"
+    return None
+
+
+def _rle_problem(seg: dict, image: tuple[int, int, int] | None) -> tuple[str | None, Any]:
+    """(problem or None, the run lengths: a str as given, or an int64 array) of an RLE object;
+    ``image``: (id, width, height) of its image, when known."""
+    size, counts = seg.get("size", _MISSING), seg.get("counts", _MISSING)
+    if size is _MISSING:
+        return "'segmentation' RLE object is missing 'size' ([height, width])", None
+    if counts is _MISSING:
+        return "'segmentation' RLE object is missing 'counts'", None
+    if (type(size) is not list or len(size) != 2 or any(type(v) is not int for v in size)
+            or min(size) <= 0):
+        return f"'segmentation' RLE 'size' must be [height, width], 2 positive integers, got {show(size)}", None
+    h, w = size
+    if image is not None and (h, w) != (image[2], image[1]):
+        return (f"'segmentation' RLE 'size' {show(size)} does not match its image {image[0]} "
+                f"({image[1]}x{image[2]}), whose [height, width] is [{image[2]}, {image[1]}]"), None
+    if type(counts) is str:
+        total = rle_string_total(counts)
+        if total is None:
+            return f"'segmentation' RLE 'counts' {show(counts)} is not a valid compressed RLE string", None
+        runs: Any = counts
+    elif type(counts) is list:
+        if set(map(type, counts)) - {int} or (counts and min(counts) < 0):
+            return f"'segmentation' RLE 'counts' must be non-negative integers, got {show(counts)}", None
+        try:
+            runs = np.array(counts, dtype=np.int64)
+        except OverflowError:
+            return f"'segmentation' RLE 'counts' {show(counts)} does not fit in 64 bits", None
+        total = sum(counts)
+    else:
+        return ("'segmentation' RLE 'counts' must be a list of run lengths or a compressed RLE "
+                f"string, got {show(counts)} ({_kind(counts)})"), None
+    if total != h * w:
+        return (f"'segmentation' RLE 'counts' cover {total} pixels, not height x width = "
+                f"{h}x{w} = {h * w}"), None
+    return None, runs
+
+
+def rle_string_total(s: str) -> int | None:
+    """Pixels covered by a compressed COCO RLE string (pycocotools' ``rleFrString`` format);
+    None when it is not one: a character outside ``0``..``o``, a value cut off at the end, a
+    negative run length."""
+    if not s:
+        return 0
+    try:
+        c = np.frombuffer(s.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
+    except UnicodeEncodeError:
+        return None
+    if c.min() < 0 or c.max() > 63:
+        return None
+    more = (c & 0x20) != 0
+    if more[-1]:
+        return None  # the last value is cut off
+    ends = np.flatnonzero(~more)  # last character of each value
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    width = ends - starts + 1
+    if width.max() > 12:  # 60 bits: no real image has runs that long
+        return None
+    k = np.arange(c.size) - np.repeat(starts, width)  # position within its value
+    x = np.add.reduceat((c & 0x1F) << (5 * k), starts)
+    negative = (c[ends] & 0x10) != 0
+    x = np.where(negative, x - (np.int64(1) << (5 * width)), x)
+    # Each value from the 4th on is a difference to the value two before (pycocotools' n > 2).
+    counts = x.copy()
+    for parity in (0, 1):
+        first = 2 if parity == 0 else 1
+        chain_ = counts[first::2]
+        counts[first::2] = np.cumsum(chain_)
+    if (counts < 0).any():
+        return None
+    return int(counts.sum())
 
 
 # ---- image files ------------------------------------------------------------------------------
@@ -483,8 +925,21 @@ class ImageFiles:
             return f.read()
 
 
-def check_image_files(files: ImageFiles, images: ImageTable, *, decode: bool, path: str) -> np.ndarray:
-    """int64 (N,) byte size of each image file; raises on the first image (json order) at fault.
+class FileFault(NamedTuple):
+    """An image whose file is at fault: ``problem`` is one line without the ``images[i] (id
+    ...)`` prefix; ``path`` the file to name (the image's location when the file itself is bad,
+    else the json); ``unreadable``: the file is missing, not a file, corrupt or cannot be read
+    (not: its size differs from the json's, a problem of the json)."""
+
+    index: int
+    problem: str
+    path: str
+    unreadable: bool
+
+
+def check_image_files(files: ImageFiles, images: ImageTable, *, decode: bool, path: str,
+                      faults: list[FileFault] | None = None) -> np.ndarray:
+    """int64 (N,) byte size of each image file (-1 where at fault).
 
     Always looks every file up (missing file, not a file). With ``decode``, also reads each
     one's header: readable, size (after EXIF rotation, as Detectron2 reads it) equal to the
@@ -492,6 +947,11 @@ def check_image_files(files: ImageFiles, images: ImageTable, *, decode: bool, pa
     is read whole for ``verify()`` (every chunk's CRC). On a remote store, files up to
     `REMOTE_WHOLE_BYTES` are read in one request instead of two ranged ones. Pixels are never
     decoded. Runs in a thread pool (file I/O, network and C code): more threads for a remote store.
+
+    Every image at fault is appended to ``faults`` (json order); without ``faults``, they are
+    raised as one DatasetError. Images whose ``file_name`` is invalid (``images.name_ok``) are
+    skipped, and the size of those whose width/height is invalid is not compared. An image
+    root that is missing or not a folder raises DatasetError.
     """
     _check_root(files)
     n = len(images.file_names)
@@ -500,19 +960,22 @@ def check_image_files(files: ImageFiles, images: ImageTable, *, decode: bool, pa
     chunk = max(1, min(_CHUNK, -(-n // (4 * threads))))  # small datasets: use every thread too
     starts = range(0, n, chunk)
     clients = [files] if files.local else _clients(files, -(-min(threads, len(starts)) // REMOTE_CONNECTIONS))
+    found: list[FileFault] = [] if faults is None else faults
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kfold-ray-check")
     try:
         jobs = pool.map(
             lambda s: _check_chunk(clients[(s // chunk) % len(clients)], images, s, chunk, decode), starts
         )
-        for start, (chunk_sizes, fault) in zip(starts, jobs):
-            if fault is not None:
-                i, problem, bad_file = fault
-                at = _at("images", i, {"id": int(images.ids[i])})
-                raise DatasetError(f"{at}: {problem}", path=bad_file or path)
+        for start, (chunk_sizes, chunk_faults) in zip(starts, jobs):
             sizes[start : start + len(chunk_sizes)] = chunk_sizes
+            found.extend(f._replace(path=f.path or path) for f in chunk_faults)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    if faults is None and found:
+        problems = Problems()
+        for f in found:
+            problems.add(f"{_at('images', f.index, {'id': int(images.ids[f.index])})}: {f.problem}", f.path)
+        problems.raise_if_any()
     return sizes
 
 
@@ -544,14 +1007,19 @@ def _check_root(files: ImageFiles) -> None:
 
 
 def _check_chunk(files: ImageFiles, images: ImageTable, start: int, chunk: int, decode: bool):
-    sizes = []
+    sizes, faults = [], []
     for i in range(start, min(start + chunk, len(images.file_names))):
-        want = (int(images.widths[i]), int(images.heights[i]))
-        size, problem, bad_file = _check_file(files, images.file_names[i], want, decode)
+        if images.name_ok is not None and not images.name_ok[i]:
+            sizes.append(-1)  # its name is a problem already
+            continue
+        want = None
+        if images.size_ok is None or images.size_ok[i]:
+            want = (int(images.widths[i]), int(images.heights[i]))
+        size, problem, bad_file, unreadable = _check_file(files, images.file_names[i], want, decode)
         if problem is not None:
-            return sizes, (i, problem, bad_file)
+            faults.append(FileFault(i, problem, bad_file or "", unreadable))
         sizes.append(size)
-    return sizes, None
+    return sizes, faults
 
 
 class _Missing(Exception):
@@ -561,33 +1029,34 @@ class _Missing(Exception):
         self.directory = directory
 
 
-def _check_file(files: ImageFiles, name: str, want: tuple[int, int], decode: bool):
-    """(byte size, problem or None, the image's location when the file itself is at fault)."""
+def _check_file(files: ImageFiles, name: str, want: tuple[int, int] | None, decode: bool):
+    """(byte size, problem or None, the image's location when the file itself is at fault,
+    whether the file is unreadable). ``want``: the json's (width, height), None: not compared."""
     try:
         with _open(files, name, decode) as (size, read):
             if not decode:
-                return size, None, None
+                return size, None, None, False
             try:
                 whole = 0 if files.local else REMOTE_WHOLE_BYTES
                 got = _image_size(read, size, files.location_of(name), whole_below=whole)
             except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
                 detail = _one_line(exc)
-                return -1, f"corrupt or unreadable image {show(name)}: {detail}", files.location_of(name)
+                return -1, f"corrupt or unreadable image {show(name)}: {detail}", files.location_of(name), True
     except _Missing as m:
         root = shown(files.location)
         if m.directory:
-            return -1, f"{show(name)} under image root {root} is not a file", None
+            return -1, f"{show(name)} under image root {root} is not a file", None, True
         hint = " (it uses '\\'; write '/' between folders)" if "\\" in name else ""
-        return -1, f"file {show(name)} not found under image root {root}{hint}", None
+        return -1, f"file {show(name)} not found under image root {root}{hint}", None, True
     except (OSError, pa.ArrowException) as exc:
         cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)[:300]
-        return -1, f"cannot read file {show(name)}: {cause}", files.location_of(name)
-    if got[:2] != want:
+        return -1, f"cannot read file {show(name)}: {cause}", files.location_of(name), True
+    if want is not None and got[:2] != want:
         turned = " after its EXIF rotation" if got[2] else ""
         msg = (f"'width'/'height' {want[0]}x{want[1]} do not match the file {show(name)}, "
                f"which is {got[0]}x{got[1]}{turned}")  # fmt: skip
-        return -1, msg, None
-    return size, None, None
+        return -1, msg, None, False
+    return size, None, None, False
 
 
 @contextlib.contextmanager

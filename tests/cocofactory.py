@@ -7,6 +7,7 @@ class and position can be learnt from a few images.
     ann, img_dir = make_coco(tmp_path, awkward=True)         # the awkward cases, see make_coco
     ann, _ = make_coco(tmp_path, mutate=lambda d: d["images"].pop())
     edit_coco(ann, lambda d: d["annotations"][0].update(bbox=[0, 0, -4, 3]))
+    ann, img_dir = make_coco(tmp_path, segmentation="polygon")   # masks too: see SEGMENTATIONS
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ AWKWARD_SIZES = [(96, 80), (80, 96), (112, 64), (64, 64)]
 AWKWARD_NAME = "sub dir/bild_ä_ø.png"  # non-ASCII, with a space, in a subfolder
 
 Size = tuple[int, int]
+#: ``segmentation=`` kinds: each annotation's mask is its box, as a polygon (its 4 corners), an
+#: uncompressed RLE (``counts`` a list of run lengths), a compressed RLE (``counts`` a string, as
+#: pycocotools writes it), or the three in turn ("mixed"). Crowd boxes always get an RLE.
+SEGMENTATIONS = ("polygon", "rle", "rle-string", "mixed")
 
 
 def make_coco(
@@ -37,6 +42,7 @@ def make_coco(
     boxes_per_image: tuple[int, int] = (1, 3),
     seed: int = 0,
     awkward: bool = False,
+    segmentation: str | None = None,
     mutate: Callable[[dict[str, Any]], Any] | None = None,
     **overrides: Any,
 ) -> tuple[Path, Path]:
@@ -54,9 +60,13 @@ def make_coco(
     The json is written with the images' true sizes first, then ``mutate(doc)`` runs on the dict,
     then each ``overrides`` key replaces that top-level field; the result is what is written.
     Image files are drawn from the unmutated dataset.
+
+    ``segmentation`` (one of `SEGMENTATIONS`): give every annotation a ``segmentation`` that is
+    its box (default: none).
     """
     doc = coco_dict(n_images=n_images, size=size, categories=categories,
-                    boxes_per_image=boxes_per_image, seed=seed, awkward=awkward)  # fmt: skip
+                    boxes_per_image=boxes_per_image, seed=seed, awkward=awkward,
+                    segmentation=segmentation)  # fmt: skip
     image_dir = Path(root) / "images"
     draw_images(doc, image_dir)
     if mutate is not None:
@@ -75,8 +85,11 @@ def coco_dict(
     boxes_per_image: tuple[int, int] = (1, 3),
     seed: int = 0,
     awkward: bool = False,
+    segmentation: str | None = None,
 ) -> dict[str, Any]:
     """The COCO dict `make_coco` writes (file names relative to its image dir), no files."""
+    if segmentation is not None and segmentation not in SEGMENTATIONS:
+        raise ValueError(f"segmentation must be one of {SEGMENTATIONS} or None, got {segmentation!r}")
     rng = np.random.default_rng(seed)
     if isinstance(categories, int):
         names = [f"class_{c}" for c in range(categories)]
@@ -106,11 +119,53 @@ def coco_dict(
                 "bbox": [x, y, bw, bh], "area": bw * bh,
                 "iscrowd": 1 if awkward and i == 2 and b == 0 else 0,
             })  # fmt: skip
+    if segmentation is not None:
+        size_of = {im["id"]: (im["width"], im["height"]) for im in images}
+        for k, a in enumerate(annotations):
+            kind = SEGMENTATIONS[k % 3] if segmentation == "mixed" else segmentation
+            if a["iscrowd"] and kind == "polygon":
+                kind = "rle"
+            a["segmentation"] = box_segmentation(a["bbox"], *size_of[a["image_id"]], kind)
     if awkward and n_images > 7:  # ids already fall along the list; break the pattern too
         images[4], images[7] = images[7], images[4]
     cats = [{"id": cid, "name": n, "supercategory": "shape"} for cid, n in zip(cat_ids, names)]
     return {"info": {"description": "cocofactory"}, "images": images,
             "annotations": annotations, "categories": cats}  # fmt: skip
+
+
+def box_segmentation(bbox: Sequence[int], width: int, height: int, kind: str = "polygon") -> Any:
+    """The mask of an integer box ``[x, y, w, h]`` in an image of ``width`` x ``height``, as COCO
+    writes it: ``"polygon"`` (its 4 corners), ``"rle"`` or ``"rle-string"`` (see `SEGMENTATIONS`)."""
+    x, y, w, h = (int(v) for v in bbox)
+    if kind == "polygon":
+        return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[y : y + h, x : x + w] = 1
+    counts = rle_counts(mask)
+    return {"size": [height, width], "counts": rle_string(counts) if kind == "rle-string" else counts}
+
+
+def rle_counts(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE of a 2-D 0/1 mask: run lengths in column-major order, zeros first."""
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return [0, *runs] if flat.size and flat[0] else runs
+
+
+def rle_string(counts: Sequence[int]) -> str:
+    """pycocotools' compressed form of run lengths (``rleToString``)."""
+    out = []
+    for i, value in enumerate(counts):
+        x = int(value) - (int(counts[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
 
 
 def _sizes(size: Size | Sequence[Size], n: int, awkward: bool) -> list[Size]:

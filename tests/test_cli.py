@@ -103,3 +103,38 @@ def test_help_is_fast_and_does_not_import_heavy_packages():
             "print(sorted(m for m in ('ray', 'torch', 'detectron2', 'cleanlab') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert json.loads(out.stdout.replace("'", '"')) == []
+
+
+def test_every_dataset_problem_on_its_own_line_up_to_fifty(tmp_path, capsys):
+    ann, images = make_coco(tmp_path / "data", n_images=70, size=(16, 16))
+    for i in range(60):
+        (images / f"img_{i:05d}.png").unlink()
+    for command in (["validate"], ["run", "--run-dir", str(tmp_path / "run"), "-k", "3"]):
+        code = main([*command, "--annotations", str(ann), "--images", str(images)])
+        lines = capsys.readouterr().err.splitlines()
+        assert code == 2 and len(lines) == 51, lines
+        assert all(line.startswith("kfold-ray: error: ") for line in lines)
+        assert [re.search(r"images\[(\d+)\]", line).group(1) for line in lines[:50]] == [str(i) for i in range(50)]
+        assert lines[0] == f'kfold-ray: error: {ann}: images[0] (id 1): file "img_00000.png" not found under image root {images}'
+        assert lines[50] == "kfold-ray: error: ... and 10 more problems"
+        assert not (tmp_path / "run").exists()
+
+
+def test_two_problems_are_two_lines(dataset, capsys):
+    ann, images = dataset
+    (images / "img_00002.png").unlink()
+    edit_coco(ann, lambda d: d["annotations"][1].update(bbox=[0, 0, -2, 2]))
+    assert main(["validate", "--annotations", str(ann), "--images", str(images)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "annotations[1]" in lines[0] and "images[2]" in lines[1], lines
+
+
+def test_validate_exclude_unreadable(dataset, capsys):
+    ann, images = dataset
+    (images / "img_00003.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (images / "img_00005.png").unlink()
+    assert main(["validate", "--annotations", str(ann), "--images", str(images)]) == 2
+    assert capsys.readouterr().err.count("\n") == 2
+    with pytest.warns(UserWarning, match="excluded 2 images"):
+        code = main(["validate", "--annotations", str(ann), "--images", str(images), "--exclude-unreadable"])
+    assert code == 0 and capsys.readouterr().out.startswith("ok: 10 images")

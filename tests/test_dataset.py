@@ -709,3 +709,317 @@ def test_remote_check_opens_a_client_per_connection_pool(bucket):
     clients = _validate._clients(files, -(-_validate.REMOTE_THREADS // _validate.REMOTE_CONNECTIONS))
     assert len(clients) == 3 and len({id(c.fs) for c in clients}) == 3
     assert {(c.root, c.location) for c in clients} == {(files.root, files.location)}
+
+
+# ---- every problem at once --------------------------------------------------------------------
+def test_sixty_missing_files_are_all_reported(tmp_path):
+    ann, img_dir = make_coco(tmp_path, n_images=70, size=(16, 16))
+    for i in range(5, 65):
+        (img_dir / f"img_{i:05d}.png").unlink()
+    err = _error(lambda: load_coco(ann, img_dir))
+    assert err.problem_count == 60 and len(err.problems) == 50
+    assert err.message.startswith('images[5] (id 6): file "img_00005.png" not found') and err.path == str(ann)
+    assert str(err).startswith(f"{ann}: images[5] (id 6)") and "(+59 more problems" in str(err)
+    for k, line in enumerate(err.problems):
+        assert line == f'{ann}: images[{k + 5}] (id {k + 6}): file "img_{k + 5:05d}.png" not found under image root {img_dir}'
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.message, back.path, back.problems, back.problem_count, str(back)) == (
+        err.message, err.path, err.problems, err.problem_count, str(err))
+
+
+def test_one_problem_is_one_line_and_lists_itself(tmp_path):
+    ann, img_dir = make_coco(tmp_path)
+    (img_dir / "img_00004.png").unlink()
+    err = _error(lambda: load_coco(ann, img_dir))
+    assert err.problem_count == 1 and err.problems == [str(err)] == [f"{err.path}: {err.message}"]
+
+
+def test_problems_of_every_stage_in_check_then_json_order(tmp_path):
+    def spoil(d):
+        d["categories"][1]["name"] = ""
+        d["images"][5]["width"] = 0  # its boxes and its file size are not checked against it
+        d["images"][2]["file_name"] = "/abs.png"  # its file is not looked up
+        d["annotations"][4]["bbox"] = [0, 0, -1, 1]  # one problem, not also "lies outside"
+        d["annotations"][1].update(category_id=99, iscrowd=3)  # two problems of one record
+        d["annotations"][0]["image_id"] = 777  # its box is not checked against an image
+
+    ann, img_dir = make_coco(tmp_path, mutate=spoil)
+    (img_dir / "img_00007.png").write_bytes(b"junk")
+    (img_dir / "img_00009.png").unlink()
+    err = _error(lambda: load_coco(ann, img_dir))
+    got = [line.split(": ", 1) for line in err.problems]
+    assert [p for p, _ in got] == [str(ann)] * 7 + [str(img_dir / "img_00007.png"), str(ann)]
+    assert [re.sub(r" \(id \d+\)", "", m).split(":")[0] for _, m in got] == [
+        "categories[1]", "images[2]", "images[5]", "annotations[0]", "annotations[1]",
+        "annotations[1]", "annotations[4]", "images[7]", "images[9]"]
+    text = "\n".join(err.problems)
+    assert "'category_id' 99 is not in 'categories'" in text and "'iscrowd' must be 0 or 1, got 3" in text
+    assert "outside" not in text and "'image_id' 777 is not in 'images'" in text
+    assert err.problem_count == 9 and all("\n" not in p for p in err.problems)
+
+
+def test_structural_problems_stop_at_once(tmp_path):
+    def spoil(d):
+        d["images"][3]["id"] = d["images"][0]["id"]
+        d["annotations"][0]["bbox"] = [0, 0, -1, 1]
+
+    ann, img_dir = make_coco(tmp_path, mutate=spoil)
+    err = _error(lambda: load_coco(ann, img_dir))
+    assert err.problem_count == 1 and "duplicate image id" in err.message
+
+
+def test_many_bad_boxes_only_the_shown_ones_get_messages(tmp_path):
+    ann, img_dir = make_coco(tmp_path, n_images=300, size=(16, 16), boxes_per_image=(2, 2))
+    edit_coco(ann, lambda d: [a.update(bbox=[0, 0, 0, 3]) for a in d["annotations"]])
+    err = _error(lambda: load_coco(ann, img_dir))
+    assert err.problem_count == 600 and len(err.problems) == 50
+    assert err.problems[49].endswith("annotations[49] (id 50): 'bbox' [0, 0, 0, 3] has zero width")
+
+
+# ---- exclude_unreadable -------------------------------------------------------------------------
+def _two_unreadable(ann: Path, img_dir: Path) -> None:
+    truncate_file(3, 0.7, jpeg=True)(ann, img_dir)  # images[3]: a truncated JPEG
+    (img_dir / "img_00008.png").unlink()  # images[8]: no file
+
+
+def test_exclude_unreadable_leaves_them_and_their_annotations_out(tmp_path):
+    ann, img_dir = make_coco(tmp_path, segmentation="polygon")
+    _two_unreadable(ann, img_dir)
+    doc = read_coco(ann)
+    err = _error(lambda: load_coco(ann, img_dir))  # without the flag: both are errors
+    assert err.problem_count == 2 and "truncated JPEG" in err.problems[0] and "not found" in err.problems[1]
+    with pytest.warns(UserWarning, match=r"excluded 2 images whose file cannot be read") as record:
+        ds = load_coco(ann, img_dir, exclude_unreadable=True)
+    assert len(record) == 1 and "\n" not in str(record[0].message) and record[0].filename == __file__
+    assert ds.image_ids.tolist() == [im["id"] for k, im in enumerate(doc["images"]) if k not in (3, 8)]
+    assert [(e.image_id, e.file_name) for e in ds.excluded] == [(4, "img_00003.jpg"), (9, "img_00008.png")]
+    assert ds.excluded[0].reason == 'corrupt or unreadable image "img_00003.jpg": truncated JPEG (no end-of-image marker)'
+    assert ds.excluded[1].reason == f'file "img_00008.png" not found under image root {img_dir}'
+    assert json.loads(json.dumps(ds.excluded_records())) == [
+        {"image_id": e.image_id, "file_name": e.file_name, "reason": e.reason} for e in ds.excluded]
+    kept = [a for a in doc["annotations"] if a["image_id"] not in (4, 9)]
+    assert ds.ann_ids.tolist() == [a["id"] for a in kept] and ds.ann_offsets[-1] == len(kept)
+    assert [ds.segmentation(r) for r in range(len(kept))] == [a["segmentation"] for a in kept]
+    # the same as a json that never listed them, but for the fingerprint
+    other = tmp_path / "other"
+    shutil.copytree(img_dir, other / "images")
+    write_coco(other / "annotations.json", {**doc, "images": [im for k, im in enumerate(doc["images"]) if k not in (3, 8)],
+                                            "annotations": kept})
+    same = load_coco(other / "annotations.json", other / "images")
+    assert same.excluded == () and same.image_ids.tolist() == ds.image_ids.tolist()
+    np.testing.assert_array_equal(same.boxes, ds.boxes)
+    np.testing.assert_array_equal(same.ann_offsets, ds.ann_offsets)
+    assert same.fingerprint != ds.fingerprint
+    # the files fixed: the same dataset with or without the flag, and not the one with exclusions
+    make_coco(tmp_path / "fresh", segmentation="polygon")
+    shutil.copy(tmp_path / "fresh" / "images" / "img_00008.png", img_dir)
+    edit_coco(ann, lambda d: d["images"][3].update(file_name="img_00003.png"))
+    fixed = load_coco(ann, img_dir)
+    assert load_coco(ann, img_dir, exclude_unreadable=True).fingerprint == fixed.fingerprint != ds.fingerprint
+    assert fixed.excluded == ()
+    back = pickle.loads(pickle.dumps(ds))
+    assert back.excluded == ds.excluded and back.fingerprint == ds.fingerprint
+
+
+def test_exclude_unreadable_keeps_json_problems_errors(tmp_path):
+    ann, img_dir = make_coco(tmp_path)
+    _two_unreadable(ann, img_dir)
+    edit_coco(ann, lambda d: d["images"][5].update(width=95))  # a size mismatch: the json's fault
+    err = _error(lambda: load_coco(ann, img_dir, exclude_unreadable=True))
+    assert err.problem_count == 1 and "'width'/'height' 95x80 do not match" in err.message
+
+
+def test_exclude_unreadable_without_files_to_exclude_changes_nothing(tmp_path):
+    ann, img_dir = make_coco(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = load_coco(ann, img_dir, exclude_unreadable=True)
+    assert ds.excluded == () and ds.fingerprint == load_coco(ann, img_dir).fingerprint
+
+
+def test_exclude_unreadable_only_looks_files_up_without_check_images(tmp_path):
+    ann, img_dir = make_coco(tmp_path)
+    _two_unreadable(ann, img_dir)
+    with pytest.warns(UserWarning, match="excluded 1 image whose file"):
+        ds = load_coco(ann, img_dir, check_images=False, exclude_unreadable=True)
+    assert [e.file_name for e in ds.excluded] == ["img_00008.png"] and ds.num_images == 11
+
+
+def test_every_image_excluded_is_an_error(tmp_path):
+    ann, img_dir = make_coco(tmp_path, n_images=3)
+    for p in img_dir.iterdir():
+        p.write_bytes(b"junk")
+    err = _error(lambda: load_coco(ann, img_dir, exclude_unreadable=True))
+    assert err.message == ("all 3 images were excluded as unreadable (exclude_unreadable), the first as "
+                           'corrupt or unreadable image "img_00000.png": cannot identify image file '
+                           f"{str(img_dir / 'img_00000.png')!r}")
+
+
+def test_every_annotated_image_excluded_is_an_error(tmp_path):
+    ann, img_dir = make_coco(tmp_path, n_images=3, mutate=lambda d: d.update(
+        annotations=[a for a in d["annotations"] if a["image_id"] == 1]))
+    (img_dir / "img_00000.png").unlink()
+    err = _error(lambda: load_coco(ann, img_dir, exclude_unreadable=True))
+    assert err.message == "after excluding 1 unreadable image, none of the annotations is left: nothing to train on"
+
+
+def test_exclude_unreadable_must_be_a_bool():
+    with pytest.raises(TypeError, match="exclude_unreadable must be True or False"):
+        load_coco("x.json", exclude_unreadable=1)  # type: ignore[arg-type]
+
+
+# ---- segmentations ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["polygon", "rle", "rle-string", "mixed"])
+def test_segmentations_are_kept_as_in_the_json(tmp_path, kind):
+    ann, img_dir = make_coco(tmp_path, awkward=True, segmentation=kind)
+    ds = load_coco(ann, img_dir)
+    by_id = {a["id"]: a["segmentation"] for a in read_coco(ann)["annotations"]}
+    assert [ds.segmentation(r) for r in range(len(ds.ann_ids))] == [by_id[a] for a in ds.ann_ids.tolist()]
+    for i in range(ds.num_images):
+        lo, hi = ds.ann_offsets[i], ds.ann_offsets[i + 1]
+        assert ds.segmentations_of(i) == [by_id[a] for a in ds.ann_ids[lo:hi].tolist()]
+    assert ds.has_segmentations and ds.segmentation_problem() is None
+    assert ds.mask_format == ("polygon" if kind == "polygon" else "bitmask")
+    back = pickle.loads(pickle.dumps(ds))
+    assert [back.segmentation(r) for r in range(len(ds.ann_ids))] == [by_id[a] for a in ds.ann_ids.tolist()]
+
+
+def test_crowd_rle_does_not_call_for_bitmasks(tmp_path):
+    ann, img_dir = make_coco(tmp_path, awkward=True, segmentation="polygon")
+    ds = load_coco(ann, img_dir)
+    crowd_row = int(np.flatnonzero(ds.iscrowd)[0])
+    assert isinstance(ds.segmentation(crowd_row), dict) and ds.mask_format == "polygon"
+
+
+def test_segmentations_pickle_as_a_few_arrays(tmp_path):
+    def twenty_points(d):  # polygons of a realistic size: 20 points on the box's outline
+        for a in d["annotations"]:
+            x, y, w, h = a["bbox"]
+            t = np.linspace(0, 1, 5, endpoint=False)
+            a["segmentation"] = [np.concatenate([
+                np.stack([x + w * t, np.full(5, y)], 1), np.stack([np.full(5, x + w), y + h * t], 1),
+                np.stack([x + w * (1 - t), np.full(5, y + h)], 1), np.stack([np.full(5, x), y + h * (1 - t)], 1),
+            ]).ravel().round(2).tolist()]
+
+    ann, img_dir = make_coco(tmp_path, n_images=200, size=(32, 32), mutate=twenty_points)
+    ds = load_coco(ann, img_dir)
+    seg = ds.segmentations
+    assert seg.coords.dtype == np.float32 and seg.coords.size == 40 * len(ds.ann_ids)
+    rows = [ds.segmentation(r) for r in range(len(ds.ann_ids))]
+    assert rows == [[np.float32(v).item() for v in a["segmentation"][0]] and [[np.float32(v).item() for v in a["segmentation"][0]]]
+                    for a in sorted(read_coco(ann)["annotations"], key=lambda a: a["image_id"])]
+    assert len(pickle.dumps(seg)) < 0.6 * len(pickle.dumps(rows))
+
+
+def test_segmentation_problem_names_the_first_annotation_without_one(tmp_path):
+    def spoil(d):
+        d["annotations"][7].pop("segmentation")
+        d["annotations"][4]["segmentation"] = []  # as some tools write "no mask"
+
+    ann, img_dir = make_coco(tmp_path, segmentation="polygon", mutate=spoil)
+    ds = load_coco(ann, img_dir)  # not an error: only MODEL.MASK_ON needs masks
+    n = len(ds.ann_ids)
+    assert not ds.has_segmentations
+    assert ds.segmentation_problem() == (f"annotations[4] (id 5): 'segmentation' is empty, which "
+                                         f"MODEL.MASK_ON needs (2 of {n} non-crowd annotations have none)")
+    assert ds.segmentation(list(ds.ann_ids).index(8)) is None
+    plain = load_coco(*make_coco(tmp_path / "plain"))
+    assert plain.segmentation_problem().startswith("annotations[0] (id 1): no 'segmentation', which MODEL.MASK_ON needs")
+    assert plain.mask_format == "polygon"
+
+
+def _seg(i: int, value) -> Mutation:
+    return doc_edit(lambda d: d["annotations"][i].update(segmentation=value))
+
+
+def _rle(size, counts) -> dict:
+    return {"size": size, "counts": counts}
+
+
+BAD_SEGMENTATIONS = [
+    pytest.param(_seg(3, "abc"), r"^annotations\[3\] \(id 4\): 'segmentation' must be a list of polygons or an RLE object \{\"size\", \"counts\"\}, got \"abc\" \(string\)$", id="string"),
+    pytest.param(_seg(3, [1, 2, 3, 4, 5, 6]), r"^annotations\[3\] \(id 4\): 'segmentation' must be a list of polygons \[\[x1, y1, x2, y2, \.\.\.\], \.\.\.\], got a flat list of numbers \[1, 2, 3, 4, 5, 6\]: put each polygon in a list of its own$", id="flat-polygon"),
+    pytest.param(_seg(3, [[1, 2, 3, 4]]), r"^annotations\[3\] \(id 4\): 'segmentation' polygon 0 has 4 numbers; a polygon needs at least 3 points \(6 numbers\)$", id="polygon-two-points"),
+    pytest.param(_seg(3, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7]]), r"^annotations\[3\] \(id 4\): 'segmentation' polygon 1 has an odd count of numbers \(7\); it must be x, y pairs$", id="polygon-odd"),
+    pytest.param(_seg(3, [[1, 2, 3, "4", 5, 6]]), r"^annotations\[3\] \(id 4\): 'segmentation' polygon 0 must hold numbers only, got \[1, 2, 3, \"4\", 5, 6\]$", id="polygon-string-item"),
+    pytest.param(_seg(3, [[1, 2, 3, True, 5, 6]]), r"^annotations\[3\] \(id 4\): 'segmentation' polygon 0 must hold numbers only", id="polygon-bool-item"),
+    pytest.param(_seg(3, [[1, 2, 3, float("nan"), 5, 6]]), r"^annotations\[3\] \(id 4\): 'segmentation' polygon 0 \[1, 2, 3, NaN, 5, 6\] is not finite$", id="polygon-nan"),
+    pytest.param(_seg(3, [{"x": 1}]), r"^annotations\[3\] \(id 4\): 'segmentation' polygon 0 must be a list of numbers \[x1, y1, x2, y2, \.\.\.\], got \{\"x\": 1\}$", id="polygon-object"),
+    pytest.param(_seg(3, _rle([96, 80], [7680])), r"^annotations\[3\] \(id 4\): 'segmentation' RLE 'size' \[96, 80\] does not match its image 2 \(96x80\), whose \[height, width\] is \[80, 96\]$", id="rle-size-mismatch"),
+    pytest.param(_seg(3, _rle([80, 96], [100, 20])), r"^annotations\[3\] \(id 4\): 'segmentation' RLE 'counts' cover 120 pixels, not height x width = 80x96 = 7680$", id="rle-counts-short"),
+    pytest.param(_seg(3, _rle([80, 96], [7000, -20, 700])), r"^annotations\[3\] \(id 4\): 'segmentation' RLE 'counts' must be non-negative integers", id="rle-counts-negative"),
+    pytest.param(_seg(3, _rle([80, 96], "0a~")), r"^annotations\[3\] \(id 4\): 'segmentation' RLE 'counts' \"0a~\" is not a valid compressed RLE string$", id="rle-string-bad-char"),
+    pytest.param(_seg(3, _rle([80, 96], "T3d0")), r"^annotations\[3\] \(id 4\): 'segmentation' RLE 'counts' cover 120 pixels, not height x width = 80x96 = 7680$", id="rle-string-short"),
+    pytest.param(_seg(3, _rle([80, 96], 7680)), r"^annotations\[3\] \(id 4\): 'segmentation' RLE 'counts' must be a list of run lengths or a compressed RLE string, got 7680 \(integer\)$", id="rle-counts-int"),
+    pytest.param(_seg(3, {"counts": [7680]}), r"^annotations\[3\] \(id 4\): 'segmentation' RLE object is missing 'size' \(\[height, width\]\)$", id="rle-no-size"),
+    pytest.param(_seg(3, {"size": [80, 96]}), r"^annotations\[3\] \(id 4\): 'segmentation' RLE object is missing 'counts'$", id="rle-no-counts"),
+    pytest.param(_seg(3, _rle([80.0, 96], [7680])), r"^annotations\[3\] \(id 4\): 'segmentation' RLE 'size' must be \[height, width\], 2 positive integers, got \[80\.0, 96\]$", id="rle-size-float"),
+]
+
+
+@pytest.mark.parametrize("spoil, pattern", BAD_SEGMENTATIONS)
+def test_bad_segmentation_is_a_one_line_error(tmp_path, spoil, pattern):
+    ann, img_dir = make_coco(tmp_path, segmentation="polygon")
+    spoil(ann, img_dir)
+    err = _error(lambda: load_coco(ann, img_dir))
+    assert err.problem_count == 1 and re.search(pattern, err.message), err.message
+    assert err.path == str(ann) and str(err) == f"{err.path}: {err.message}"
+
+
+def test_rle_string_total_matches_pycocotools():
+    mask_util = pytest.importorskip("pycocotools.mask")
+    from cocofactory import rle_counts, rle_string
+
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        h, w = (int(v) for v in rng.integers(1, 300, 2))
+        mask = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        if t % 5 == 0:
+            mask[:] = t % 2
+        encoded = mask_util.encode(np.asfortranarray(mask))["counts"].decode()
+        assert rle_string(rle_counts(mask)) == encoded
+        assert _validate.rle_string_total(encoded) == h * w
+        assert _validate.rle_string_total(encoded[:-1]) != h * w
+
+
+def test_excluded_images_take_their_masks_along(tmp_path):
+    ann, img_dir = make_coco(tmp_path, awkward=True, segmentation="mixed")
+    doc = read_coco(ann)
+    gone = {doc["images"][k]["id"] for k in (0, 2, 5)}  # image 2 holds the crowd RLE
+    for k in (0, 2, 5):
+        (img_dir / doc["images"][k]["file_name"]).unlink()
+    with pytest.warns(UserWarning, match=r"excluded 3 images .*; images\[5\]"):
+        ds = load_coco(ann, img_dir, exclude_unreadable=True)
+    by_id = {a["id"]: a["segmentation"] for a in doc["annotations"] if a["image_id"] not in gone}
+    assert sorted(ds.ann_ids.tolist()) == sorted(by_id)
+    assert [ds.segmentation(r) for r in range(len(ds.ann_ids))] == [by_id[a] for a in ds.ann_ids.tolist()]
+    assert not ds.iscrowd.any() and ds.mask_format == "bitmask"
+    seg = ds.segmentations
+    assert len(seg) == len(ds.ann_ids) and seg.rle_sizes.shape == (len(seg.rle_counts), 2)
+
+
+def test_segmentation_problems_are_reported_with_the_others(tmp_path):
+    def spoil(d):
+        d["annotations"][2]["segmentation"] = [[1, 2, 3]]
+        d["annotations"][5]["segmentation"] = {"size": [1, 1], "counts": [1]}
+        d["annotations"][5]["bbox"] = [0, 0, 0, 1]
+
+    ann, img_dir = make_coco(tmp_path, segmentation="polygon", mutate=spoil)
+    err = _error(lambda: load_coco(ann, img_dir))
+    assert [p.split(": ")[1] for p in err.problems] == ["annotations[2] (id 3)", "annotations[5] (id 6)",
+                                                         "annotations[5] (id 6)"]
+    assert "has zero width" in err.problems[1] and "RLE 'size' [1, 1] does not match" in err.problems[2]
+
+
+def test_huge_integers_are_one_line_errors(tmp_path):
+    def spoil(d):
+        d["annotations"][1]["bbox"] = [0, 0, 10**400, 3]
+        d["annotations"][2]["segmentation"] = [[0, 0, 10**400, 0, 3, 3]]
+        d["annotations"][3]["segmentation"] = {"size": [80, 96], "counts": [10**30, 5]}
+
+    ann, img_dir = make_coco(tmp_path, segmentation="polygon", mutate=spoil)
+    err = _error(lambda: load_coco(ann, img_dir))
+    assert err.problem_count == 3, err.problems
+    assert "'bbox' " in err.problems[0] and err.problems[0].endswith("is not finite")
+    assert "polygon 0" in err.problems[1] and "is not finite" in err.problems[1]
+    assert "RLE 'counts'" in err.problems[2]

@@ -69,3 +69,12 @@ def test_held_out_images_are_batched_by_size(tiny):
     order = _by_size(dataset, np.arange(dataset.num_images))
     sizes = list(zip(dataset.heights[order].tolist(), dataset.widths[order].tolist()))
     assert sizes == sorted(sizes) and sorted(order.tolist()) == list(range(dataset.num_images))
+
+
+def test_mask_rcnn_on_boxes_only_is_refused_before_any_fold(tiny):
+    from kfold_ray import DatasetError
+
+    dataset, _, _ = tiny
+    with pytest.raises(DatasetError, match=r"which MODEL.MASK_ON needs"):
+        Detectron2Backend().validate(TrainConfig(model="tiny", overrides=("MODEL.MASK_ON", "True")),
+                                     dataset)

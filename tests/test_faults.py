@@ -243,3 +243,23 @@ def test_a_retry_that_trains_again_discards_the_earlier_model_s_parts(ray_local,
     assert sorted(line.split()[2] for line in attempts(control) if "fold=1" in line) == [
         "attempt=0", "attempt=1"]
     assert _false_positive_images(result.table()) == list(range(small.num_images))
+
+
+def test_exclude_unreadable_leaves_images_out_of_every_output(ray_local, tmp_path):
+    from kfold_ray import DatasetError
+
+    ann, images = make_coco(tmp_path / "data", n_images=10)
+    (images / "img_00003.png").unlink()
+    with pytest.raises(DatasetError, match=r'file "img_00003.png" not found'):
+        run_cv(ann, 2, image_root=images, gpus_per_fold=0, backend=EchoBackend(),
+               run_dir=tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    with pytest.warns(UserWarning, match="img_00003.png"):
+        result = run_cv(ann, 2, image_root=images, gpus_per_fold=0, backend=EchoBackend(),
+                        run_dir=tmp_path / "run", progress=False, exclude_unreadable=True)
+    excluded = json.loads((result.run_dir / "excluded_images.json").read_text())
+    assert [e["file_name"] for e in excluded] == ["img_00003.png"] and "not found" in excluded[0]["reason"]
+    gone = excluded[0]["image_id"]
+    assert result.dataset.num_images == 9 and gone not in result.image_ids.tolist()
+    assert gone not in result.table().column("image_id").to_pylist()
+    assert len(result.predictions) == 9

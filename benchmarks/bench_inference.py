@@ -50,13 +50,13 @@ def _ours(cfg, model, dataset, batch_size: int, device: str) -> float:
 
     from kfold_ray._backend import FoldTask
     from kfold_ray._config import PredictConfig
-    from kfold_ray._detectron2 import _predict
+    from kfold_ray.detectron2._predict import predict
 
     task = FoldTask(run_name="bench", fold=0, attempt=0, train_indices=np.zeros(0, np.int64),
                     predict_indices=np.arange(dataset.num_images), work_dir="", seed=0,
                     predict=PredictConfig(batch_size=batch_size, score_threshold=0.05))
     start = time.perf_counter()
-    batches = sum(1 for ev in _predict(model, cfg, task, dataset, device) if hasattr(ev, "num_rows"))
+    batches = sum(1 for ev in predict(model, cfg, task, dataset, device) if hasattr(ev, "num_rows"))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     assert batches == -(-dataset.num_images // batch_size)
@@ -76,7 +76,7 @@ def main() -> None:
     from detectron2.modeling import build_model
 
     from kfold_ray._config import TrainConfig
-    from kfold_ray._detectron2 import Detectron2Backend
+    from kfold_ray.detectron2 import Detectron2Backend
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,7 +60,8 @@ def main() -> None:
 
     from kfold_ray._config import TrainConfig
     from kfold_ray._dataset import load_coco
-    from kfold_ray._detectron2 import Detectron2Backend, _register_split
+    from kfold_ray.detectron2 import Detectron2Backend
+    from kfold_ray.detectron2._data import register_split
     from kfold_ray._example import make_digits_example
 
     torch.set_num_threads(args.cpus)
@@ -70,7 +71,7 @@ def main() -> None:
         dataset = load_coco(ex.annotations_path, ex.image_dir)
         import numpy as np
 
-        name = _register_split("bench_loader", dataset, np.arange(dataset.num_images))
+        name = register_split("bench_loader", dataset, np.arange(dataset.num_images))
         rates = {}
         for workers in (0, args.cpus - 1):
             train = TrainConfig(model=args.model, overrides=(

@@ -185,7 +185,7 @@ def run_cv(
     )
     plan = make_fold_plan(dataset, k, split=split, groups=groups, seed=seed)
     if backend is None:
-        from ._detectron2 import Detectron2Backend
+        from .detectron2 import Detectron2Backend
 
         backend = Detectron2Backend()
     backend.validate(config.train, dataset)

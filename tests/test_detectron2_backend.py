@@ -10,7 +10,8 @@ from cocofactory import make_coco
 from kfold_ray._backend import FoldTask, Progress
 from kfold_ray._config import PredictConfig, TrainConfig
 from kfold_ray._dataset import load_coco
-from kfold_ray._detectron2 import Detectron2Backend, _by_size, _predict_halving_on_oom
+from kfold_ray.detectron2 import Detectron2Backend
+from kfold_ray.detectron2._predict import by_size, predict_halving_on_oom
 from kfold_ray._exceptions import FoldOutOfMemoryError
 from kfold_ray._schema import batch_image_indices
 
@@ -49,7 +50,7 @@ def _task(dataset, batch_size: int) -> FoldTask:
 def test_inference_out_of_memory_goes_on_at_half_the_batch(tiny):
     dataset, cfg, model = tiny
     oom = _OutOfMemoryAbove(model, limit=2)
-    events = list(_predict_halving_on_oom(oom, cfg, _task(dataset, 8), dataset, "cpu"))
+    events = list(predict_halving_on_oom(oom, cfg, _task(dataset, 8), dataset, "cpu"))
     covered = np.concatenate([batch_image_indices(e) for e in events if not isinstance(e, Progress)])
     assert sorted(covered.tolist()) == list(range(dataset.num_images)), "every image exactly once"
     assert oom.calls[:3] == [8, 4, 2] and set(oom.calls[3:]) <= {1, 2}
@@ -60,13 +61,13 @@ def test_inference_out_of_memory_goes_on_at_half_the_batch(tiny):
 def test_inference_out_of_memory_at_batch_one_fails_with_advice(tiny):
     dataset, cfg, model = tiny
     with pytest.raises(FoldOutOfMemoryError, match=r"batch size 1\): even one image at a time does not fit"):
-        list(_predict_halving_on_oom(_OutOfMemoryAbove(model, limit=0), cfg, _task(dataset, 4),
+        list(predict_halving_on_oom(_OutOfMemoryAbove(model, limit=0), cfg, _task(dataset, 4),
                                      dataset, "cpu"))
 
 
-def test_held_out_images_are_batched_by_size(tiny):
+def test_held_out_images_are_batchedby_size(tiny):
     dataset, _, _ = tiny
-    order = _by_size(dataset, np.arange(dataset.num_images))
+    order = by_size(dataset, np.arange(dataset.num_images))
     sizes = list(zip(dataset.heights[order].tolist(), dataset.widths[order].tolist()))
     assert sizes == sorted(sizes) and sorted(order.tolist()) == list(range(dataset.num_images))
 

@@ -15,7 +15,10 @@ from cocofactory import make_coco
 
 from kfold_ray._config import TrainConfig
 from kfold_ray._dataset import load_coco
-from kfold_ray._detectron2 import Detectron2Backend, _import_detectron2, _register_split, _train
+from kfold_ray.detectron2 import Detectron2Backend
+from kfold_ray.detectron2._config import import_detectron2
+from kfold_ray.detectron2._data import register_split
+from kfold_ray.detectron2._train import train
 
 MASK_OVERRIDES = ("MODEL.MASK_ON", "True", "MODEL.ROI_MASK_HEAD.CONV_DIM", "64",
                   "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2")  # fmt: skip
@@ -38,14 +41,14 @@ def _dataset(tmp_path, kind: str):
 @pytest.mark.parametrize("kind, mask_format", [("polygon", "polygon"), ("polygon", "bitmask"),
                                                ("rle", "bitmask"), ("mixed", "bitmask")])
 def test_mapper_makes_gt_masks_that_cover_the_boxes(tmp_path, kind, mask_format):
-    _import_detectron2()
+    import_detectron2()
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.structures import BitMasks, PolygonMasks
 
     ds = _dataset(tmp_path, kind)
     assert ds.has_segmentations and ds.segmentation_problem() is None
     assert ds.mask_format == ("polygon" if kind == "polygon" else "bitmask")
-    name = _register_split(f"masks_{kind}_{mask_format}", ds, np.arange(ds.num_images))
+    name = register_split(f"masks_{kind}_{mask_format}", ds, np.arange(ds.num_images))
     dicts = DatasetCatalog.get(name)
     assert sum(len(d["annotations"]) for d in dicts) == int((~ds.iscrowd).sum())  # crowd left out
     for d in dicts:
@@ -73,11 +76,11 @@ def test_mapper_makes_gt_masks_that_cover_the_boxes(tmp_path, kind, mask_format)
 
 def test_polygon_mask_format_cannot_take_rle(tmp_path):
     """Why the backend must set INPUT.MASK_FORMAT bitmask when a (non-crowd) mask is an RLE."""
-    _import_detectron2()
+    import_detectron2()
     from detectron2.data import DatasetCatalog, DatasetMapper
 
     ds = _dataset(tmp_path, "rle")
-    name = _register_split("masks_rle_as_polygons", ds, np.arange(ds.num_images))
+    name = register_split("masks_rle_as_polygons", ds, np.arange(ds.num_images))
     mapper = DatasetMapper(_cfg(ds, "polygon"), is_train=True)
     with pytest.raises(ValueError, match="polygon"):
         for d in DatasetCatalog.get(name):
@@ -85,24 +88,24 @@ def test_polygon_mask_format_cannot_take_rle(tmp_path):
 
 
 def test_without_masks_the_dicts_carry_none(tmp_path):
-    _import_detectron2()
+    import_detectron2()
     from detectron2.data import DatasetCatalog
 
     ds = _dataset(tmp_path, "polygon")
-    name = _register_split("masks_off", ds, np.arange(ds.num_images), masks=False)
+    name = register_split("masks_off", ds, np.arange(ds.num_images), masks=False)
     assert all("segmentation" not in a for d in DatasetCatalog.get(name) for a in d["annotations"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["polygon", "mixed"])
 def test_mask_rcnn_trains_a_step_with_a_mask_loss(tmp_path, kind):
-    _import_detectron2()
+    import_detectron2()
     import torch
     from detectron2.engine import DefaultTrainer
     from detectron2.utils.events import EventStorage
 
     ds = _dataset(tmp_path, kind)
-    name = _register_split(f"mask_train_{kind}", ds, np.arange(ds.num_images))
+    name = register_split(f"mask_train_{kind}", ds, np.arange(ds.num_images))
     cfg = _cfg(ds, ds.mask_format, "SOLVER.MAX_ITER", "1", dataset_name=name,
                output_dir=str(tmp_path / "out"))
     torch.manual_seed(0)
@@ -120,10 +123,10 @@ def test_mask_rcnn_trains_a_step_with_a_mask_loss(tmp_path, kind):
 def test_the_folds_training_loop_trains_a_mask_rcnn(tmp_path):
     """kfold-ray's own loop (`_train`, as a fold runs it) on a Mask R-CNN config, 2 iterations."""
     ds = _dataset(tmp_path, "mixed")
-    name = _register_split("mask_fold_loop", ds, np.arange(ds.num_images))
+    name = register_split("mask_fold_loop", ds, np.arange(ds.num_images))
     cfg = _cfg(ds, ds.mask_format, "SOLVER.MAX_ITER", "2", dataset_name=name,
                output_dir=str(tmp_path / "out"))
-    loop = _train(cfg, fold=0)
+    loop = train(cfg, fold=0)
     events = []
     try:
         while True:

@@ -49,7 +49,7 @@ def test_local_weights_go_to_the_run_dir_and_every_fold_loads_them(tmp_path):
     import ray
     import torch
 
-    from kfold_ray._detectron2 import Detectron2Backend
+    from kfold_ray.detectron2 import Detectron2Backend
     from kfold_ray._config import TrainConfig
 
     ann, images = make_coco(tmp_path / "data", n_images=6, categories=2)

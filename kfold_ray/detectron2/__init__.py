@@ -1,0 +1,20 @@
+"""The product's backend: Detectron2 trains a fold and predicts its held-out images in batches.
+
+Everything Detectron2 (``CfgNode``, ``Instances``, catalogs) stays inside this package: what
+leaves it is `Progress` and Arrow prediction batches built on the CPU, as Detectron2's own
+evaluators do. Detectron2, torch and the compat layer are imported lazily, so ``import kfold_ray``
+stays fast. One module per job:
+
+    _config    presets, the merged config, the keys kfold-ray owns, importing Detectron2
+    _weights   MODEL.WEIGHTS fetched once on the driver, read by folds from the run's storage
+    _files     Detectron2's file reads (images, weights) through pyarrow for URIs
+    _data      a fold's split registered with Detectron2; can this node read the images
+    _train     the training loop (seeded, resumed, checkpoints mirrored, progress yielded)
+    _predict   batched held-out inference into Arrow batches
+    _backend   Detectron2Backend, which ties them together
+"""
+
+from ._backend import Detectron2Backend
+from ._config import PRESETS
+
+__all__ = ["PRESETS", "Detectron2Backend"]

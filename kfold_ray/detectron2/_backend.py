@@ -1,0 +1,122 @@
+"""`Detectron2Backend`: the product's fold backend (kfold_ray._backend.FoldBackend).
+
+On the driver it checks the config, dumps it for the run's fingerprint and fetches the initial
+weights; in a fold actor it trains in node-local scratch (checkpoints mirrored to the run's
+storage) and streams its held-out predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .._backend import DiscardParts, FoldEvent, FoldTask
+from .._checkpoints import CheckpointSync
+from .._config import TrainConfig
+from .._dataset import CocoDataset
+from .._exceptions import ConfigError, DatasetError, FoldOutOfMemoryError
+from .._storage import Storage
+from ._config import build_cfg, import_detectron2, one_line
+from ._data import check_images_readable, image_error, register_split
+from ._predict import predict_halving_on_oom
+from ._train import fold_log, log_to_file, model_id, train
+from ._weights import fetch_weights_file, local_weights
+
+
+class Detectron2Backend:
+    """Detectron2 fold backend. Stateless: safe to pickle into every fold actor."""
+
+    # ---- configuration ----------------------------------------------------------------------
+    def validate(self, train: TrainConfig, dataset: CocoDataset) -> None:
+        cfg = self.build_cfg(train, num_classes=dataset.num_classes, device="cpu")
+        if cfg.MODEL.MASK_ON:
+            problem = dataset.segmentation_problem()
+            if problem:
+                raise DatasetError(problem, path=str(dataset.annotations_path))
+
+    def describe(self, train: TrainConfig, dataset: CocoDataset) -> str:
+        """The merged config every fold trains with, as YAML (Detectron2's ``cfg.dump()``).
+
+        Part of the run's fingerprint (a resume never mixes two models) and of the run dir.
+        Fold-specific keys (dataset name, output dir, seed, device) are left at neutral values.
+        """
+        return self.build_cfg(train, num_classes=dataset.num_classes, device="cpu").dump()
+
+    def fetch_weights(self, train: TrainConfig) -> Path | None:
+        """The config's ``MODEL.WEIGHTS`` as a local file on the driver (None: from scratch).
+
+        Fetched once here, then placed in the run's storage by the driver, so that folds never
+        reach for a URL. ConfigError naming MODEL.WEIGHTS, within seconds, when it cannot be had.
+        """
+        cfg = self.build_cfg(train, num_classes=1, device="cpu")
+        spec = str(cfg.MODEL.WEIGHTS or "").strip()
+        if not spec:
+            return None
+        try:
+            return fetch_weights_file(spec)
+        except Exception as e:  # noqa: BLE001 - any failure to fetch is the same advice
+            raise ConfigError(
+                f"MODEL.WEIGHTS {spec!r} cannot be fetched ({type(e).__name__}: {one_line(e)[:200]}): "
+                "pass a local file or a URI every node can read (--opts MODEL.WEIGHTS /path/model.pkl), "
+                "or train from scratch with --opts MODEL.WEIGHTS \"\""
+            ) from None
+
+    def build_cfg(self, train: TrainConfig, **kwargs):
+        """Detectron2 ``CfgNode`` for ``train`` (see `kfold_ray.detectron2._config.build_cfg`)."""
+        return build_cfg(train, **kwargs)
+
+    # ---- one fold ---------------------------------------------------------------------------
+    def run_fold(self, task: FoldTask, dataset: CocoDataset) -> Iterator[FoldEvent]:
+        """Train in node-local scratch, checkpoints mirrored to the run's storage; then predict."""
+        import_detectron2()
+        scratch = Path(tempfile.mkdtemp(prefix=f"kfold-ray-{task.run_name}-fold{task.fold}-"))
+        sync = CheckpointSync(Storage(task.work_dir), scratch, keep=task.keep_checkpoints)
+        try:
+            yield from self._run_fold(task, dataset, scratch, sync)
+        finally:
+            sync.push_log()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _run_fold(self, task: FoldTask, dataset: CocoDataset, scratch: Path,
+                  sync: CheckpointSync) -> Iterator[FoldEvent]:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_images_readable(dataset, task)
+        resumed = sync.pull()
+        log_to_file(scratch / "log.txt")
+        weights = local_weights(task.weights, scratch)
+        train_name = f"{task.run_name}_fold{task.fold}_a{task.attempt}train"
+        cfg = self.build_cfg(
+            task.train, num_classes=dataset.num_classes, device=device, output_dir=str(scratch),
+            dataset_name=train_name, seed=task.seed, checkpoint_period=task.checkpoint_period,
+            score_threshold=task.predict.score_threshold,
+            num_workers=max(0, int(task.num_cpus) - 1), weights=weights,
+            mask_format=dataset.mask_format,
+        )
+        register_split(train_name, dataset, task.train_indices, masks=bool(cfg.MODEL.MASK_ON))
+        fold_log(task, resumed, sync)
+        try:
+            model = yield from train(cfg, task.fold, sync)
+        except torch.cuda.OutOfMemoryError:
+            raise FoldOutOfMemoryError(
+                task.fold, "training", cfg.SOLVER.IMS_PER_BATCH,
+                "lower SOLVER.IMS_PER_BATCH (--opts) or the input size (INPUT.MAX_SIZE_TRAIN), or "
+                "raise --gpus-per-fold so fewer folds share a GPU (fractional GPUs share memory)",
+            ) from None
+        except FileNotFoundError as e:
+            raise image_error(e) from None
+        made_by = model_id(scratch, sync)
+        if task.predicted_with and task.predicted_with != made_by:
+            # Trained again (its final checkpoint was lost): one fold, one model.
+            yield DiscardParts(task.fold, made_by)
+            task = dataclasses.replace(task, predict_indices=np.asarray(task.holdout_indices))
+        try:
+            yield from predict_halving_on_oom(model, cfg, task, dataset, device, model_id=made_by)
+        except FileNotFoundError as e:
+            raise image_error(e) from None

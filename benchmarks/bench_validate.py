@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kfold_ray import _validate  # noqa: E402
+from kfold_ray import _validate, _validate_files  # noqa: E402
 from kfold_ray._dataset import load_coco  # noqa: E402
 from kfold_ray._storage import open_location  # noqa: E402
 
@@ -286,14 +286,14 @@ def main() -> None:
             images = _validate.parse_images(doc["images"], uri)
             files = _validate.ImageFiles(*open_location(f"{uri}/images")[:2], f"{uri}/images")
             new = timed(lambda: _validate.check_image_files(files, images, decode=True, path=uri))
-            old = run_pool(s3_old_check(files), images, _validate.REMOTE_THREADS)
-            one, n1 = _validate.REMOTE_THREADS, min(1000, n3)
+            old = run_pool(s3_old_check(files), images, _validate_files.REMOTE_THREADS)
+            one, n1 = _validate_files.REMOTE_THREADS, min(1000, n3)
             try:
-                _validate.REMOTE_THREADS = 1
+                _validate_files.REMOTE_THREADS = 1
                 single = timed(lambda: _validate.check_image_files(
                     files, _validate.parse_images(doc["images"][:n1], uri), decode=True, path=uri))
             finally:
-                _validate.REMOTE_THREADS = one
+                _validate_files.REMOTE_THREADS = one
             lookup = timed(lambda: _validate.check_image_files(files, images, decode=False, path=uri))
             t_s3load = timed(lambda: load_coco(f"{uri}/annotations.json", f"{uri}/images"))
             rows += [("S3 (moto) 32x32 JPEG, headers, 64 threads", n3, new, old),
@@ -315,7 +315,7 @@ def main() -> None:
         else:
             extra = f"{n / old:,.0f} | {old / sec:.2f}x"
         print(f"| {what} | {n:,} | {sec:.2f} | {n / sec:,.0f} | {extra} |")
-    print(f"\nthreads: local {lt}, remote {_validate.REMOTE_THREADS}; cpus {os.cpu_count()}")
+    print(f"\nthreads: local {lt}, remote {_validate_files.REMOTE_THREADS}; cpus {os.cpu_count()}")
 
 
 if __name__ == "__main__":

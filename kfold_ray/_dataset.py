@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 from . import _validate
 from ._exceptions import DatasetError, StorageError
 from ._storage import open_location
-from ._validate import Segmentations
+from ._validate_masks import Segmentations
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
     except StopIteration:
         missing = np.setdiff1d(state.holdout, reducer.covered_images(state.fold))
         if missing.size:  # a stream that ended early: never DONE, retried like a crash
-            return _on_failure(state, _EndedEarly(state.fold, missing), board, config)
+            return _on_failure(state, StreamEndedEarly(state.fold, missing), board, config)
         seconds = time.monotonic() - state.started
         info[state.fold] = {"attempts": state.attempt + 1, "seconds": round(seconds, 1),
                             "errors": state.errors}
@@ -149,7 +149,7 @@ def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
     return stream
 
 
-class _EndedEarly(Exception):
+class StreamEndedEarly(Exception):
     """A fold's stream ended without predictions for all of its held-out images."""
 
     def __init__(self, fold: int, missing: np.ndarray) -> None:

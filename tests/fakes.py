@@ -34,6 +34,8 @@ class EchoBackend:
         fail_fold: this fold raises every time (a deterministic bug).
         oom_fold: this fold reports running out of GPU memory.
         pause_folds: these folds wait until ``control_dir/release`` exists before predicting.
+        skip_image_of_fold: this fold's stream ends without its last held-out image (a backend
+            bug the driver must catch: never DONE).
         new_model_each_attempt: every attempt "trains again" (model ``attempt<n>``), as when a
             fold's final checkpoint was lost: it must discard earlier parts, as the real one does.
     """
@@ -47,6 +49,7 @@ class EchoBackend:
     pause_folds: tuple[int, ...] = ()
     oom_fold: int | None = None
     new_model_each_attempt: bool = False
+    skip_image_of_fold: int | None = None
 
     def validate(self, train: TrainConfig, dataset: CocoDataset) -> None:
         return None
@@ -66,6 +69,8 @@ class EchoBackend:
                 time.sleep(0.05)
         done = 0
         indices = np.asarray(task.predict_indices, dtype=np.int64)
+        if task.fold == self.skip_image_of_fold:
+            indices = indices[:-1]
         model = f"attempt{task.attempt}" if self.new_model_each_attempt else ""
         if model and task.predicted_with and task.predicted_with != model:
             yield DiscardParts(task.fold, model)

@@ -17,7 +17,7 @@ import pytest
 from cocofactory import AWKWARD_NAME, coco_dict, edit_coco, make_coco, read_coco, upload_tree, write_coco
 from PIL import Image
 
-from kfold_ray import _validate
+from kfold_ray import _validate, _validate_files
 from kfold_ray._dataset import CocoDataset, load_coco, read_image_bytes
 from kfold_ray._exceptions import DatasetError, StorageError
 
@@ -571,7 +571,7 @@ def test_large_jpegs_are_judged_by_ranged_reads(tmp_path, monkeypatch):
 @pytest.mark.parametrize("whole_below", [None, 0], ids=["small-read-whole", "ranged-reads"])
 def test_large_jpegs_on_s3(tmp_path, bucket, monkeypatch, whole_below):
     if whole_below is not None:
-        monkeypatch.setattr(_validate, "REMOTE_WHOLE_BYTES", whole_below)
+        monkeypatch.setattr(_validate_files, "REMOTE_WHOLE_BYTES", whole_below)
     ann, img_dir = _with_big_jpegs(tmp_path / "d")
     data = upload_tree(tmp_path / "d", f"{bucket}/d")
     ds = load_coco(f"{data}/annotations.json", f"{data}/images")

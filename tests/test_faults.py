@@ -263,3 +263,46 @@ def test_exclude_unreadable_leaves_images_out_of_every_output(ray_local, tmp_pat
     assert result.dataset.num_images == 9 and gone not in result.image_ids.tolist()
     assert gone not in result.table().column("image_id").to_pylist()
     assert len(result.predictions) == 9
+
+
+def test_a_fold_whose_stream_ends_early_is_never_done(ray_local, small, tmp_path):
+    with pytest.raises(FoldFailedError, match=r"fold 1 failed after 2 attempts: StreamEndedEarly: fold 1 "
+                                              r"stopped with 1 held-out images unpredicted"):
+        run_cv(small, 2, gpus_per_fold=0, run_dir=tmp_path / "run", progress=False, max_retries=1,
+               backend=EchoBackend(skip_image_of_fold=1))
+    assert (tmp_path / "run" / "parts" / "fold_000" / "DONE.json").is_file()
+    assert not (tmp_path / "run" / "parts" / "fold_001" / "DONE.json").exists()
+
+
+def test_resume_may_change_how_the_run_is_scheduled(ray_local, small, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(FoldFailedError):
+        run_cv(small, 3, gpus_per_fold=0, run_dir=run_dir, progress=False, max_retries=0,
+               backend=EchoBackend(fail_fold=2))
+    # GPUs, CPUs, retries, checkpoints and batch size do not decide the predictions.
+    result = run_cv(small, 3, gpus_per_fold=0, cpus_per_fold=0.5, run_dir=run_dir, progress=False,
+                    resume=True, max_retries=3, batch_size=3, checkpoint_period=7,
+                    keep_checkpoints=1, backend=EchoBackend())
+    assert _false_positive_images(result.table()) == list(range(small.num_images))
+
+
+def test_resume_reads_the_fold_plan_back_even_from_an_unseeded_splitter(ray_local, small, tmp_path):
+    run_dir = tmp_path / "run"
+
+    class UnseededKFold:  # a custom splitter whose folds change from call to call
+        def split(self, X, y=None, groups=None):
+            order = np.random.permutation(len(X))
+            for f in range(3):
+                held = order[f::3]
+                yield np.setdiff1d(order, held), held
+
+        def get_n_splits(self, *args):
+            return 3
+
+    with pytest.raises(FoldFailedError):
+        run_cv(small, 3, split=UnseededKFold(), gpus_per_fold=0, run_dir=run_dir, progress=False,
+               max_retries=0, backend=EchoBackend(fail_fold=2))
+    planned = json.loads((run_dir / "folds.json").read_text())["folds"]
+    result = run_cv(small, 3, split=UnseededKFold(), gpus_per_fold=0, run_dir=run_dir,
+                    progress=False, resume=True, backend=EchoBackend())
+    assert result.fold_of_image.tolist() == planned

@@ -19,7 +19,9 @@ from typing import Any, Iterator
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on clean exit, fsync it and rename it to ``final``.
 
-    On an exception the temporary file is removed and ``final`` is left untouched.
+    On an exception the temporary file is removed and ``final`` is left untouched. The file's
+    mode follows the umask, like any new file (mkstemp's 0600 would keep a team on shared
+    storage out of the run).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -30,10 +32,17 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(final: str | os.PathLike[str], data: bytes) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from ._atomic import atomic_path
 from ._exceptions import StorageError
 
 __all__ = ["Storage", "is_uri", "open_location"]
@@ -202,7 +203,7 @@ class Storage:
         """Copy ``name`` to the local file ``local`` (atomically); return its path."""
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
-        with _local_atomic(local) as tmp:
+        with atomic_path(local) as tmp:
             with self.fs.open_input_stream(self.path(name)) as src, open(tmp, "wb") as dst:
                 while chunk := src.read(_COPY_CHUNK):
                     dst.write(chunk)
@@ -214,7 +215,7 @@ class Storage:
         if self.is_local:
             final = Path(self.path(name))
             final.parent.mkdir(parents=True, exist_ok=True)
-            with _local_atomic(final) as tmp:
+            with atomic_path(final) as tmp:
                 tmp.write_bytes(data)
             return
         with _remote_atomic(self.fs, self.path(name)) as out:
@@ -231,7 +232,7 @@ class Storage:
         if self.is_local:
             final = Path(self.path(name))
             final.parent.mkdir(parents=True, exist_ok=True)
-            with _local_atomic(final) as tmp:
+            with atomic_path(final) as tmp:
                 shutil.copyfile(local, tmp)
             return
         with open(local, "rb") as src, _remote_atomic(self.fs, self.path(name)) as out:
@@ -248,7 +249,7 @@ class Storage:
         if self.is_local:
             final = Path(self.path(name))
             final.parent.mkdir(parents=True, exist_ok=True)
-            with _local_atomic(final) as tmp:
+            with atomic_path(final) as tmp:
                 yield tmp
             return
         with tempfile.TemporaryDirectory(prefix="kfold-ray-stage-") as d:
@@ -267,30 +268,6 @@ class Storage:
         """Delete the folder ``name`` and everything in it (no error when it is gone)."""
         if self.info(name).type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(name))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def _local_atomic(final: Path) -> Iterator[Path]:
-    """A temporary path beside ``final``; on clean exit fsync + rename. Mode follows the umask
-    (mkstemp would leave 0600: a team on shared storage could not read the run)."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

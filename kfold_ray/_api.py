@@ -228,7 +228,7 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
          in_sample: bool) -> CVResult:
     from . import _cluster
     from ._metrics import coco_metrics
-    from ._outputs import write_all
+    from ._outputs import write_all, write_box_losses
 
     started = time.time()
     info = _cluster.connect(address)
@@ -237,8 +237,10 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
         _say(line, progress)
     state = _rundir.read_state(storage)
     job = _job(storage, state["run_name"], config, weights, launch)
-    table, fold_info = _run_and_stitch(dataset, plan, job, backend, progress)
+    table, losses, fold_info = _run_and_stitch(dataset, plan, job, backend, progress)
     write_all(storage, table, dataset)
+    if losses is not None:
+        write_box_losses(storage, losses, dataset, plan.fold_of_image)
     metrics = coco_metrics(dataset, table, plan.fold_of_image, plan.k)
     metrics["folds_run"] = {str(f): v for f, v in sorted(fold_info.items())}
     metrics["launch"] = {"gpus_per_fold": launch.num_gpus, "cpus_per_fold": launch.num_cpus,
@@ -268,7 +270,8 @@ def _job(storage: Storage, run_name: str, config: CVConfig, weights: str, launch
 
 
 def _run_and_stitch(dataset: CocoDataset, plan, job, backend: FoldBackend, progress: bool):
-    """Run the folds of ``plan`` into ``job.storage``; return the stitched table and fold info."""
+    """Run the folds of ``plan`` into ``job.storage``; return the stitched predictions, the box
+    losses (None when the backend computes none) and per-fold info."""
     from ._driver import run_folds
     from ._progress import ProgressBoard
     from ._reduce import Reducer
@@ -283,7 +286,8 @@ def _run_and_stitch(dataset: CocoDataset, plan, job, backend: FoldBackend, progr
             board.close()
         # The stitched table is gathered into new arrays: nothing points into the cache after.
         table = reducer.finish(plan.fold_of_image, dataset.num_images)
-    return table, fold_info
+        losses = reducer.box_losses(plan.fold_of_image)
+    return table, losses, fold_info
 
 
 @dataclass(frozen=True)
@@ -310,11 +314,14 @@ def _run_in_sample(dataset: CocoDataset, storage: Storage, job, backend: FoldBac
     Runs after the folds (it reuses their resources); resumable like a fold.
     """
     from ._metrics import coco_metrics
-    from ._outputs import write_all
+    from ._outputs import write_all, write_box_losses
 
     plan = _AllImagesPlan(dataset.num_images)
-    table, _ = _run_and_stitch(dataset, plan, replace(job, storage=storage), backend, progress)
+    table, losses, _ = _run_and_stitch(dataset, plan, replace(job, storage=storage), backend,
+                                       progress)
     write_all(storage, table, dataset)
+    if losses is not None:
+        write_box_losses(storage, losses, dataset, plan.fold_of_image)
     return coco_metrics(dataset, table, plan.fold_of_image, 1)["pooled"]
 
 

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from ._atomic import atomic_path, write_json
 from ._pickles import dump_dict_slices, dump_nested_slices
 from ._rundir import (
+    BOX_LOSSES_PARQUET,
     CATEGORIES,
     CLEANLAB_LABELS,
     CLEANLAB_PREDICTIONS,
@@ -50,6 +51,7 @@ __all__ = [
     "OutputPaths",
     "cleanlab_predictions",
     "write_all",
+    "write_box_losses",
     "write_categories",
     "write_cleanlab_labels",
     "write_cleanlab_predictions",
@@ -105,6 +107,27 @@ def write_all(run_dir: Storage | str | os.PathLike[str], table: pa.Table, datase
         coco_results=where(COCO_RESULTS),
         categories=where(CATEGORIES),
     )
+
+
+def write_box_losses(run_dir: Storage | str | os.PathLike[str], losses: pa.Table,
+                     dataset: CocoDataset, fold_of_image: np.ndarray) -> None:
+    """``box_losses.parquet``: one row per given (non-crowd) box of every image, with the losses
+    of the model that held the image out (BOX_LOSS_SCHEMA, plus the ids a person looks up)."""
+    storage = run_dir if isinstance(run_dir, Storage) else Storage(run_dir)
+    rows = losses.column("ann_row").to_numpy()
+    images = losses.column("image_index").to_numpy()
+    table = pa.table({
+        "image_index": images,
+        "image_id": dataset.image_ids[images],
+        "annotation_id": dataset.ann_ids[rows],
+        "category_id": dataset.category_ids[dataset.classes[rows]],
+        "class_index": dataset.classes[rows].astype(np.int32),
+        "fold": np.asarray(fold_of_image)[images].astype(np.int32),
+        **{name: losses.column(name) for name in ("loss_cls", "loss_box_reg", "p_given",
+                                                  "p_background")},
+    })
+    with storage.staged(BOX_LOSSES_PARQUET) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 # ---- parquet, labels, categories -----------------------------------------------------------------

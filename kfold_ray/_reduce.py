@@ -29,10 +29,17 @@ from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from . import _rundir
 from ._exceptions import StitchError
-from ._schema import DETECTION_SCHEMA, batch_fold, batch_image_indices, batch_model
+from ._schema import (
+    DETECTION_SCHEMA,
+    batch_box_losses,
+    batch_fold,
+    batch_image_indices,
+    batch_model,
+)
 from ._storage import Storage
 
 __all__ = ["FoldPartStore", "Reducer", "stitch"]
@@ -174,6 +181,23 @@ class FoldPartStore:
 
     def _part_images(self, name: str) -> np.ndarray:
         return batch_image_indices(self._part_schema(name).empty_table())
+
+    def read_box_losses(self, fold: int) -> pa.Table | None:
+        """The box losses the fold's parts carry (BOX_LOSS_SCHEMA), or None when none do. Each
+        row must belong to an image of its own part (else StitchError)."""
+        tables = []
+        for name in self.part_paths(fold):
+            schema = self._part_schema(name)
+            losses = batch_box_losses(schema)
+            if losses is None:
+                continue
+            outside = ~np.isin(losses.column("image_index").to_numpy(),
+                               batch_image_indices(schema.empty_table()))
+            if outside.any():
+                raise StitchError(f"{self.storage.uri_of(name)}: {int(outside.sum())} box losses "
+                                  "for images the part does not cover")
+            tables.append(losses)
+        return pa.concat_tables(tables) if tables else None
 
     def models(self, fold: int) -> set[str]:
         """The models that made the fold's persisted parts (read from metadata only)."""
@@ -472,6 +496,20 @@ class Reducer:
         fold_of_image = np.asarray(fold_of_image)
         folds = set(np.unique(fold_of_image).tolist()) | set(self.store.folds())
         return stitch({f: self.store.read_fold(f) for f in sorted(folds)}, fold_of_image, num_images)
+
+    def box_losses(self, fold_of_image: np.ndarray) -> pa.Table | None:
+        """Every fold's box losses, sorted by image then annotation row; None if no fold made any.
+
+        Call after `finish` (which checked that the parts are a partition of the dataset).
+        """
+        self.close()
+        folds = sorted(set(np.unique(np.asarray(fold_of_image)).tolist()) | set(self.store.folds()))
+        tables = [t for f in folds if (t := self.store.read_box_losses(f)) is not None]
+        if not tables:
+            return None
+        table = pa.concat_tables(tables)
+        return table.take(pa.compute.sort_indices(table, [("image_index", "ascending"),
+                                                          ("ann_row", "ascending")]))
 
     def close(self) -> None:
         """Wait for every upload, then stop the upload threads."""

@@ -13,6 +13,7 @@ one place that names them::
     parts/fold_000/           streamed prediction batches (Arrow IPC) and DONE.json
     predictions.parquet  cleanlab_predictions.pkl  cleanlab_labels.pkl  coco_results.json
     categories.json  metrics.json  label_issues.parquet/.csv  report/index.html
+    box_losses.parquet        per given box, the out-of-fold model's losses (loss inspection)
     in_sample/                the same layout, for the in-sample baseline
 
 Nothing is relative to a process' working directory: a local run dir is made absolute on the
@@ -52,6 +53,7 @@ CLEANLAB_PREDICTIONS = "cleanlab_predictions.pkl"
 CLEANLAB_LABELS = "cleanlab_labels.pkl"
 COCO_RESULTS = "coco_results.json"
 CATEGORIES = "categories.json"
+BOX_LOSSES_PARQUET = "box_losses.parquet"
 LABEL_ISSUES_PARQUET = "label_issues.parquet"
 LABEL_ISSUES_CSV = "label_issues.csv"
 OUTPUT_FILES = (PREDICTIONS_PARQUET, CLEANLAB_PREDICTIONS, CLEANLAB_LABELS, COCO_RESULTS,

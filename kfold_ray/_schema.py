@@ -105,3 +105,38 @@ def batch_model(batch: pa.RecordBatch | pa.Table | pa.Schema) -> str:
 
 def empty_detections() -> pa.Table:
     return DETECTION_SCHEMA.empty_table()
+
+
+# ---- per given box: the fold model's losses (out-of-fold loss inspection) ---------------------
+#: One row per given (non-crowd) box of a predicted image, computed by the fold's model on the
+#: same features as its predictions. They travel inside the prediction batch (schema metadata),
+#: so they persist, retry and stitch exactly as the batch's images do.
+BOX_LOSS_SCHEMA = pa.schema(
+    [
+        ("image_index", pa.int64()),
+        ("ann_row", pa.int64()),  # the annotation's row in the dataset's annotation arrays
+        ("loss_cls", pa.float32()),  # cross-entropy of the given class on exactly the given box
+        ("loss_box_reg", pa.float32()),  # L1 of the deltas the model would apply to the box
+        ("p_given", pa.float32()),  # the model's probability of the given class for that box
+        ("p_background", pa.float32()),  # its probability that the box holds no object at all
+    ]
+)
+_LOSSES_KEY = b"kfold_ray.box_losses"
+
+
+def with_box_losses(batch: pa.RecordBatch, losses: pa.Table) -> pa.RecordBatch:
+    """``batch`` carrying ``losses`` (BOX_LOSS_SCHEMA) in its schema metadata."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, BOX_LOSS_SCHEMA) as writer:
+        writer.write_table(losses.cast(BOX_LOSS_SCHEMA))
+    metadata = {**(batch.schema.metadata or {}), _LOSSES_KEY: sink.getvalue().to_pybytes()}
+    return batch.replace_schema_metadata(metadata)
+
+
+def batch_box_losses(batch: pa.RecordBatch | pa.Table | pa.Schema) -> pa.Table | None:
+    """The box losses a batch carries, or None when its backend computed none."""
+    schema = batch if isinstance(batch, pa.Schema) else batch.schema
+    data = (schema.metadata or {}).get(_LOSSES_KEY)
+    if data is None:
+        return None
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()

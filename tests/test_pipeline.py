@@ -128,3 +128,20 @@ def test_every_part_records_the_one_model_that_made_it(finished_run):
     for fold in range(3):
         (model,) = store.models(fold)
         assert model.startswith("model_final.pth:") and len(model) == len("model_final.pth:") + 16
+
+
+def test_box_losses_score_every_given_box_with_the_model_that_held_it_out(finished_run):
+    result, dataset = finished_run
+    losses = pq.read_table(result.run_dir / "box_losses.parquet").to_pydict()
+    keep = ~dataset.iscrowd
+    assert sorted(losses["annotation_id"]) == sorted(dataset.ann_ids[keep].tolist())
+    images = np.asarray(losses["image_index"])
+    assert np.array_equal(np.asarray(losses["fold"]), result.fold_of_image[images])
+    assert np.array_equal(np.asarray(losses["image_id"]), dataset.image_ids[images])
+    for name in ("loss_cls", "loss_box_reg"):
+        assert np.isfinite(losses[name]).all() and (np.asarray(losses[name]) >= 0).all()
+    for name in ("p_given", "p_background"):
+        assert ((np.asarray(losses[name]) >= 0) & (np.asarray(losses[name]) <= 1)).all()
+    # The cross-entropy of the given class is -log of its probability.
+    np.testing.assert_allclose(np.exp(-np.asarray(losses["loss_cls"])), losses["p_given"], rtol=1e-3,
+                               atol=1e-6)

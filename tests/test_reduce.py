@@ -314,3 +314,25 @@ def test_a_row_for_an_image_its_part_does_not_cover_is_refused(tmp_path):
     store.put(pa.RecordBatch.from_arrays(cols, schema=good.schema), seq=0)
     with pytest.raises(StitchError, match=r"1 detections for images the part does not cover: images \[5\]"):
         store.read_fold(0)
+
+
+def test_box_losses_travel_with_their_part_and_stay_inside_it(tmp_path):
+    from kfold_ray._schema import BOX_LOSS_SCHEMA, with_box_losses
+
+    def losses(images, rows):
+        n = len(rows)
+        return pa.table({"image_index": np.asarray(images, np.int64), "ann_row": np.asarray(rows, np.int64),
+                         **{c: np.full(n, 0.5, np.float32) for c in BOX_LOSS_SCHEMA.names[2:]}},
+                        schema=BOX_LOSS_SCHEMA)
+
+    rng = np.random.default_rng(0)
+    reducer = Reducer(tmp_path)
+    reducer.add(with_box_losses(_batch(0, [1, 2], rng), losses([1, 2, 2], [3, 5, 4])))
+    reducer.add(with_box_losses(_batch(1, [0], rng), losses([0], [0])))
+    got = reducer.box_losses(np.array([1, 0, 0]))
+    assert got.column("image_index").to_pylist() == [0, 1, 2, 2]
+    assert got.column("ann_row").to_pylist() == [0, 3, 4, 5]
+    store = FoldPartStore(tmp_path / "bad")
+    store.put(with_box_losses(_batch(0, [1], rng), losses([7], [9])), seq=0)
+    with pytest.raises(StitchError, match="1 box losses for images the part does not cover"):
+        store.read_box_losses(0)

@@ -1,6 +1,7 @@
 """Held-out inference: images decoded ahead in a thread, the model called on batches of
 same-size images, Detectron2 Instances turned into Arrow batches on the CPU (they never leave
-the actor); on a GPU out-of-memory the rest of the fold goes on at half the batch."""
+the actor), each carrying the fold model's losses on the images' given boxes (`_losses`); on a
+GPU out-of-memory the rest of the fold goes on at half the batch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import numpy as np
 from .._backend import FoldEvent, FoldTask, Progress
 from .._dataset import CocoDataset
 from .._exceptions import FoldOutOfMemoryError
-from .._schema import batch_image_indices, make_prediction_batch
+from .._schema import batch_image_indices, make_prediction_batch, with_box_losses
+from ._losses import predict_with_box_losses, supports_box_losses
 
 def predict_halving_on_oom(model, cfg, task: FoldTask, dataset: CocoDataset,
                             device: str, *, model_id: str = "") -> Iterator[FoldEvent]:
@@ -67,11 +69,17 @@ def predict(model, cfg, task: FoldTask, dataset: CocoDataset, device: str, *,
     ordered = by_size(dataset, indices)
     batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
     use_amp = task.predict.amp and device == "cuda"
+    with_losses = supports_box_losses(model)
     done, total = already, already + len(indices)
     for batch_indices, inputs in _prefetch(batches, dataset, cfg):
+        losses = None
         with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
-            outputs = model(inputs)
-        yield _to_record_batch(task.fold, batch_indices, outputs, dataset, model_id)
+            if with_losses:  # the given boxes scored on the same features (loss inspection)
+                outputs, losses = predict_with_box_losses(model, inputs, batch_indices, dataset)
+            else:
+                outputs = model(inputs)
+        batch = _to_record_batch(task.fold, batch_indices, outputs, dataset, model_id)
+        yield batch if losses is None else with_box_losses(batch, losses)
         done += len(batch_indices)
         yield Progress(task.fold, "predict", done, total)
 

@@ -71,6 +71,23 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+# What an object store's error means for the user, by the code in pyarrow's message.
+_CAUSES = (
+    ("NO_SUCH_BUCKET", "the bucket does not exist"),
+    ("ACCESS_DENIED", "access denied: check the credentials (AWS_* variables, instance profile)"),
+    ("INVALID_ACCESS_KEY_ID", "access denied: check the credentials (AWS_* variables, instance profile)"),
+    ("NETWORK_CONNECTION", "cannot reach the storage endpoint (AWS_ENDPOINT_URL, network)"),
+)
+
+
+def _why(e: BaseException) -> str:
+    text = _one_line(e)
+    for code, meaning in _CAUSES:
+        if code in text:
+            return f"{meaning} ({text[:200]})"
+    return f"cannot write there ({text[:300]})"
+
+
 class Storage:
     """A folder in local or remote storage; files are addressed by relative ``/`` names.
 
@@ -146,8 +163,7 @@ class Storage:
         except StorageError:
             raise
         except (OSError, pa.ArrowException) as e:
-            raise StorageError(f"{self.what} {self.uri}: cannot write there ({_one_line(e)[:300]})"
-                               ) from None
+            raise StorageError(f"{self.what} {self.uri}: {_why(e)}") from None
 
     def _check_local(self) -> None:
         path = Path(self.root)

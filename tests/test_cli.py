@@ -138,3 +138,40 @@ def test_validate_exclude_unreadable(dataset, capsys):
     with pytest.warns(UserWarning, match="excluded 2 images"):
         code = main(["validate", "--annotations", str(ann), "--images", str(images), "--exclude-unreadable"])
     assert code == 0 and capsys.readouterr().out.startswith("ok: 10 images")
+
+
+@pytest.mark.parametrize("where", ["unknown scheme", "missing bucket", "bad credentials",
+                                   "unreachable endpoint"])
+def test_bad_run_dir_storage_exits_2_before_any_fold_starts(where, dataset, tmp_path, s3, monkeypatch):
+    import os
+
+    ann, images = dataset
+    env = dict(os.environ)
+    run_dir = {"unknown scheme": "nosuch://bucket/run", "missing bucket": "s3://no-such-bucket-kfold/run",
+               "bad credentials": s3.uri("run"), "unreachable endpoint": s3.uri("run")}[where]
+    if where == "bad credentials":
+        # moto checks keys only when asked to: a server of its own that does
+        from clusters import S3Server
+
+        monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+        server = S3Server().start()
+        env.update({**server.env, "AWS_ACCESS_KEY_ID": "nope", "AWS_SECRET_ACCESS_KEY": "nope"})
+    if where == "unreachable endpoint":
+        env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # discard port: nothing answers
+    try:
+        done = subprocess.run([sys.executable, "-m", "kfold_ray._cli", "run", "--annotations", str(ann),
+                               "--images", str(images), "-k", "2", "--model", "tiny", "--run-dir",
+                               run_dir, "--address", "local"], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)
+    finally:
+        if where == "bad credentials":
+            server.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("kfold-ray: error: run dir ") and "run" in done.stderr
+    assert {"unknown scheme": "cannot open storage with scheme 'nosuch'",
+            "missing bucket": "the bucket does not exist",
+            "bad credentials": "access denied: check the credentials",
+            "unreachable endpoint": "cannot reach the storage endpoint"}[where] in done.stderr
+    assert "Ray cluster" not in done.stderr, "no cluster may be started for bad input"
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"], "nothing written locally"

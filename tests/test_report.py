@@ -373,3 +373,30 @@ def test_overlays_mark_the_boxes_concerned_and_survive_an_unreadable_image(finis
         assert (np.asarray(overlay) == CONCERNED).all(axis=2).sum() > 100  # red boxes drawn
     page = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
     assert "Out-of-fold vs in-sample" not in page  # no in-sample ranking given
+
+
+def test_loss_and_unmatched_signals_point_at_the_two_bad_images(tmp_path):
+    from kfold_ray._schema import BOX_LOSS_SCHEMA
+
+    ann, images = make_coco(tmp_path, n_images=6, categories=3, boxes_per_image=(1, 1), seed=2)
+    ds = load_coco(ann, images)
+    # A confident prediction far from image 4's given box (a missing label), and image 1's given
+    # box scored badly by its fold model (a swapped class or shifted box).
+    batch = make_prediction_batch(fold=0, image_indices=np.arange(6), det_image_index=np.array([4]),
+                                  boxes=np.array([[0, 0, 5, 5]]), scores=np.array([0.9]),
+                                  classes=np.array([0]), image_ids=ds.image_ids,
+                                  category_ids=ds.category_ids)
+    rows = np.arange(6)  # one given box per image: annotation row i belongs to image i
+    losses = pa.table({"image_index": rows, "ann_row": rows,
+                       "loss_cls": np.where(rows == 1, 5.0, 0.1).astype(np.float32),
+                       "loss_box_reg": np.full(6, 0.2, np.float32), "p_given": np.full(6, 0.5, np.float32),
+                       "p_background": np.full(6, 0.1, np.float32)}, schema=BOX_LOSS_SCHEMA)
+    table = rank_label_issues(ds, pa.Table.from_batches([batch]), box_losses=losses).to_pandas()
+    by_image = table.set_index("image_index")
+    assert by_image.loc[1, "loss_score"] == pytest.approx(5.2)
+    assert by_image.loc[4, "unmatched_score"] == pytest.approx(0.9) and by_image.loc[0, "unmatched_score"] == 0
+    top_two = table.sort_values("combined_score", ascending=False).image_index.head(2)
+    assert sorted(top_two) == [1, 4]
+    assert table.combined_score.between(0, 1).all()
+    without = rank_label_issues(ds, pa.Table.from_batches([batch])).to_pandas()
+    assert without.loss_score.isna().all() and without.combined_score.isna().all()

@@ -195,7 +195,38 @@ def _example(args) -> int:
         address=args.address,
     )
     _print_summary(result)
+    _score_example(result, errors)
     return EXIT_OK
+
+
+def _score_example(result, errors) -> None:
+    """Rank the example's images and say how many of its injected errors the ranking finds."""
+    import json
+
+    from sklearn.metrics import roc_auc_score
+
+    from ._report import label_issues_for_run, open_run, synced_run_dir
+    from ._report_page import write_report
+    from ._storage import Storage, is_uri
+
+    errors = str(errors)
+    text = (Storage(errors.rsplit("/", 1)[0]).read_text(errors.rsplit("/", 1)[1]) if is_uri(errors)
+            else Path(errors).read_text(encoding="utf-8"))
+    injected = {e["image_id"] for e in json.loads(text)}
+    with synced_run_dir(result.storage) as local:
+        run = open_run(local, dataset=result.dataset)
+        table = label_issues_for_run(run)
+        page = write_report(run, {"out_of_fold": table}, top=20)
+    ids = table.column("image_id").to_pylist()
+    hit = [i in injected for i in ids]
+    n = len(injected)
+    print(f"label issues: the {n} injected errors, {sum(hit[:n])} of them in the top {n} "
+          f"(precision {sum(hit[:n]) / n:.2f}); AUROC of the ranking "
+          f"{roc_auc_score(hit, -table.column('rank').to_numpy()):.3f}")
+    for row, bad in zip(table.slice(0, 5).to_pylist(), hit):
+        print(f"  #{row['rank']:<3} image {row['image_id']:<6} {'injected error' if bad else '-':<15}"
+              f" {row['file_name']}")
+    print(f"  {result.storage.uri_of(page.relative_to(local).as_posix())}")
 
 
 # ---- report (label issues) ----

@@ -25,7 +25,8 @@ else's run dir could run code). Images without annotations get a score like any 
 
 Columns of ``label_issues.parquet`` / ``.csv`` (`LABEL_ISSUE_COLUMNS`), one row per image, worst first:
 
-    rank            int32   1 = most likely mislabelled
+    rank            int32   1 = most likely mislabelled: by combined_score when the run has box
+                            losses (Faster/Mask R-CNN folds), else by cleanlab's quality_score
     image_index     int64   position of the image in the dataset (json order)
     image_id        int64   COCO image id
     file_name       string  as in the json
@@ -39,7 +40,7 @@ Columns of ``label_issues.parquet`` / ``.csv`` (`LABEL_ISSUE_COLUMNS`), one row 
     boxes           string  JSON list of the boxes concerned, worst first (see `_box_records`)
     loss_score, unmatched_score, combined_score  float64  out-of-fold loss inspection and
                     unmatched confident predictions, and their combination (see `_loss_signals`);
-                    higher = more likely wrong; not (yet) the ranking's order
+                    higher = more likely wrong
 """
 
 from __future__ import annotations
@@ -314,8 +315,14 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
     kinds, boxes = _explain(dataset, aux, per_box, pooled, is_issue)
     if fold_of_image is None:
         fold_of_image = _fold_from_table(table, dataset.num_images)
-    # Worst first; ties (e.g. many clean images at 1.0) keep dataset order.
-    order = np.argsort(quality, kind="stable")
+    signals = _loss_signals(dataset.num_images, aux, box_losses)
+    # Worst first. With the fold models' box losses, by the combined loss/unmatched signal (it
+    # finds errors where cleanlab's thresholds see nothing: benchmarks/README.md), cleanlab's
+    # quality breaking ties; else by quality alone. Ties keep dataset order.
+    if box_losses is not None:
+        order = np.lexsort((quality, -signals["combined_score"]))
+    else:
+        order = np.argsort(quality, kind="stable")
     rank = np.empty(dataset.num_images, dtype=np.int32)
     rank[order] = np.arange(1, dataset.num_images + 1, dtype=np.int32)
     n_given = np.array([len(a["lab_labels"]) for a in aux], dtype=np.int32)
@@ -327,7 +334,7 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
         "issue_kind": kinds, "overlooked_score": pooled["overlooked"],
         "swap_score": pooled["swapped"], "badloc_score": pooled["badly_located"],
         "num_given": n_given, "num_predicted": n_pred, "boxes": boxes,
-        **_loss_signals(dataset.num_images, aux, box_losses),
+        **signals,
     }
     # from_pandas: a signal that could not be computed (NaN) is a null, not a number.
     out = pa.table({name: pa.array(columns[name], type=LABEL_ISSUE_SCHEMA.field(name).type,

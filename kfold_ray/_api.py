@@ -286,7 +286,7 @@ def _run_and_stitch(dataset: CocoDataset, plan, job, backend: FoldBackend, progr
             board.close()
         # The stitched table is gathered into new arrays: nothing points into the cache after.
         table = reducer.finish(plan.fold_of_image, dataset.num_images)
-        losses = reducer.box_losses(plan.fold_of_image)
+        losses = reducer.box_losses()
     return table, losses, fold_info
 
 

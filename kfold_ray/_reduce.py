@@ -139,17 +139,26 @@ class FoldPartStore:
 
     def covered_images(self, fold: int) -> np.ndarray:
         """int64 sorted unique: images the fold's persisted parts cover (read from metadata only)."""
-        chunks = [self._part_images(p) for p in self.part_paths(fold)]
-        if not chunks:
-            return np.empty(0, dtype=np.int64)
-        return np.unique(np.concatenate(chunks))
+        return _unique(self.part_index(fold)[0])
 
-    def read_fold(self, fold: int) -> tuple[pa.Table, np.ndarray]:
+    def part_index(self, fold: int) -> tuple[list[np.ndarray], set[str]]:
+        """(each part's image indices, the models that made them), from one metadata read per
+        part (a resumed driver's one look at what a fold already persisted)."""
+        images, models = [], set()
+        for name in self.part_paths(fold):
+            schema = self._part_schema(name)
+            images.append(batch_image_indices(schema.empty_table()))
+            models.add(batch_model(schema))
+        return images, models
+
+    def read_fold(self, fold: int, *, box_losses: list[pa.Table] | None = None
+                  ) -> tuple[pa.Table, np.ndarray]:
         """(detections, image indices) of every part of ``fold`` in ``seq`` order.
 
         The table is memory-mapped on a local disk (no copy) and carries no schema metadata. The
         image indices are concatenated as persisted, duplicates kept, so that `stitch` can report
-        them.
+        them. With ``box_losses``, the losses the parts carry are appended to it (checked against
+        their part's images) in the same pass.
         """
         tables, images = [], []
         for name in self.part_paths(fold):
@@ -159,6 +168,8 @@ class FoldPartStore:
                     f"{self.storage.uri_of(name)}: holds a batch of fold {batch_fold(table)}, not fold {fold}"
                 )
             images.append(batch_image_indices(table))
+            if box_losses is not None and (losses := _part_losses(table.schema, self.storage.uri_of(name))):
+                box_losses.append(losses)
             tables.append(table.replace_schema_metadata(None))
         if not tables:
             return DETECTION_SCHEMA.empty_table(), np.empty(0, dtype=np.int64)
@@ -179,29 +190,32 @@ class FoldPartStore:
         except (pa.ArrowInvalid, OSError) as e:
             raise StitchError(f"{self.storage.uri_of(name)}: unreadable prediction part: {e}") from e
 
-    def _part_images(self, name: str) -> np.ndarray:
-        return batch_image_indices(self._part_schema(name).empty_table())
-
     def read_box_losses(self, fold: int) -> pa.Table | None:
         """The box losses the fold's parts carry (BOX_LOSS_SCHEMA), or None when none do. Each
         row must belong to an image of its own part (else StitchError)."""
-        tables = []
-        for name in self.part_paths(fold):
-            schema = self._part_schema(name)
-            losses = batch_box_losses(schema)
-            if losses is None:
-                continue
-            outside = ~np.isin(losses.column("image_index").to_numpy(),
-                               batch_image_indices(schema.empty_table()))
-            if outside.any():
-                raise StitchError(f"{self.storage.uri_of(name)}: {int(outside.sum())} box losses "
-                                  "for images the part does not cover")
-            tables.append(losses)
+        tables = [t for name in self.part_paths(fold)
+                  if (t := _part_losses(self._part_schema(name), self.storage.uri_of(name)))]
         return pa.concat_tables(tables) if tables else None
 
     def models(self, fold: int) -> set[str]:
         """The models that made the fold's persisted parts (read from metadata only)."""
-        return {batch_model(self._part_schema(p)) for p in self.part_paths(fold)}
+        return self.part_index(fold)[1]
+
+
+def _unique(chunks: list[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate(chunks)) if chunks else np.empty(0, dtype=np.int64)
+
+
+def _part_losses(schema: pa.Schema, where: str) -> pa.Table | None:
+    """The box losses a part carries, each row checked to belong to one of the part's images."""
+    losses = batch_box_losses(schema)
+    if losses is None:
+        return None
+    outside = ~np.isin(losses.column("image_index").to_numpy(),
+                       batch_image_indices(schema.empty_table()))
+    if outside.any():
+        raise StitchError(f"{where}: {int(outside.sum())} box losses for images the part does not cover")
+    return losses
 
 
 def _check_rows_in_batch(table: pa.Table, where: str) -> None:
@@ -394,8 +408,10 @@ def _show(indices: np.ndarray) -> str:
 class Reducer:
     """Persist prediction batches as they arrive (any fold, any order), then stitch them.
 
-    Only per-fold counts stay in memory; batches go to the run's ``parts/`` at once. A run dir
-    that already holds parts (a resumed run) is picked up: counts and sequence numbers continue.
+    Batches go to the run's ``parts/`` at once; only each batch's image indices and model stay
+    in memory, so the driver's questions at every fold launch and end (which images are covered,
+    by which model) never re-read the parts. A run dir that already holds parts (a resumed run)
+    is read once per fold, from part metadata: counts and sequence numbers continue.
     Call it from one thread (the driver's consuming loop).
 
     On an object store one upload is a round trip (~15 ms to moto here, more to S3), which would
@@ -410,6 +426,9 @@ class Reducer:
         self._next_seq: dict[int, int] = {}
         self._images: dict[int, int] = {}
         self._detections: dict[int, int] = {}
+        self._covered: dict[int, list[np.ndarray]] = {}  # per fold: each part's image indices
+        self._models: dict[int, set[str]] = {}  # per fold: the models that made its parts
+        self._box_losses: pa.Table | None = None  # collected by `finish`
         self._on_disk = self.store.folds()  # counted when first asked for (reads part metadata)
         self._uploads = uploads if not self.store.storage.is_local else 0
         self._pool = ThreadPoolExecutor(self._uploads, "kfold-ray-upload") if self._uploads else None
@@ -417,7 +436,8 @@ class Reducer:
 
     def _load_fold(self, fold: int) -> None:
         self._next_seq[fold] = self.store.next_seq(fold)
-        self._images[fold] = int(self.store.covered_images(fold).size)
+        self._covered[fold], self._models[fold] = self.store.part_index(fold)
+        self._images[fold] = int(_unique(self._covered[fold]).size)
         self._detections.setdefault(fold, 0)
 
     def add(self, batch: pa.RecordBatch) -> str:
@@ -436,6 +456,8 @@ class Reducer:
                 self._pending.popleft()[1].result()  # bounded: raises an upload's error here
             self._pending.append((fold, self._pool.submit(self.store.put, batch, seq=seq)))
         self._next_seq[fold] += 1
+        self._covered[fold].append(batch_image_indices(batch))
+        self._models[fold].add(batch_model(batch))
         self._images[fold] += int(batch_image_indices(batch).size)
         self._detections[fold] += batch.num_rows
         return name
@@ -451,23 +473,30 @@ class Reducer:
                 keep.append((f, future))
         self._pending = keep
 
+    def _known(self, fold: int) -> None:
+        """Wait for the fold's uploads (an upload's error surfaces here); read it in once."""
+        self.flush(fold)
+        if fold not in self._next_seq:
+            self._load_fold(fold)
+
     def covered_images(self, fold: int) -> np.ndarray:
         """int64 sorted: the fold's images whose predictions are persisted."""
-        self.flush(fold)
-        return self.store.covered_images(fold)
+        self._known(fold)
+        return _unique(self._covered[fold])
 
     def predicted_with(self, fold: int) -> str:
         """The one model that made the fold's persisted parts; "" if none (or not said);
         "mixed" if several (never equal to a model: the fold is predicted again)."""
-        self.flush(fold)
-        models = self.store.models(fold) - {""}
-        return "" if not models else models.pop() if len(models) == 1 else "mixed"
+        self._known(fold)
+        models = self._models[fold] - {""}
+        return "" if not models else next(iter(models)) if len(models) == 1 else "mixed"
 
     def discard_fold(self, fold: int) -> None:
         """Delete the fold's parts (made by another model than the one predicting it now)."""
         self.flush(fold)
         self.store.clear_fold(fold)
         self._next_seq[fold], self._images[fold], self._detections[fold] = 0, 0, 0
+        self._covered[fold], self._models[fold] = [], set()
 
     def images_received(self, fold: int) -> int:
         """Images received so far for ``fold`` (including parts from before a resume)."""
@@ -495,21 +524,19 @@ class Reducer:
         self.close()
         fold_of_image = np.asarray(fold_of_image)
         folds = set(np.unique(fold_of_image).tolist()) | set(self.store.folds())
-        return stitch({f: self.store.read_fold(f) for f in sorted(folds)}, fold_of_image, num_images)
+        losses: list[pa.Table] = []  # collected in the same pass over the parts
+        table = stitch({f: self.store.read_fold(f, box_losses=losses) for f in sorted(folds)},
+                       fold_of_image, num_images)
+        if losses:
+            merged = pa.concat_tables(losses)
+            self._box_losses = merged.take(pa.compute.sort_indices(
+                merged, [("image_index", "ascending"), ("ann_row", "ascending")]))
+        return table
 
-    def box_losses(self, fold_of_image: np.ndarray) -> pa.Table | None:
-        """Every fold's box losses, sorted by image then annotation row; None if no fold made any.
-
-        Call after `finish` (which checked that the parts are a partition of the dataset).
-        """
-        self.close()
-        folds = sorted(set(np.unique(np.asarray(fold_of_image)).tolist()) | set(self.store.folds()))
-        tables = [t for f in folds if (t := self.store.read_box_losses(f)) is not None]
-        if not tables:
-            return None
-        table = pa.concat_tables(tables)
-        return table.take(pa.compute.sort_indices(table, [("image_index", "ascending"),
-                                                          ("ann_row", "ascending")]))
+    def box_losses(self) -> pa.Table | None:
+        """Every fold's box losses, sorted by image then annotation row, as `finish` read them
+        (after its partition checks); None if no part carried any."""
+        return self._box_losses
 
     def close(self) -> None:
         """Wait for every upload, then stop the upload threads."""

@@ -9,7 +9,6 @@ Order of work (each step only after the one before succeeded):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -28,7 +27,7 @@ from ._config import DEFAULT_MODEL, CVConfig, FailureConfig, PredictConfig, Trai
 from ._dataset import CocoDataset, load_coco
 from ._exceptions import ConfigError
 from ._folds import FoldPlan, make_fold_plan
-from ._storage import Storage
+from ._storage import Storage, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ def run_cv(
     model_config = describe(config.train, dataset) if describe is not None else ""
     storage = Storage(run_dir if run_dir is not None else _rundir.default_location(dataset))
     storage.check_usable()
-    weights_id = _sha256(weights_file) if weights_file else ""
+    weights_id = file_sha256(weights_file) if weights_file else ""
     fingerprint = _rundir.fingerprint(dataset, config, weights_id=weights_id,
                                       model_config=model_config)
     plan = _rundir.prepare(storage, dataset, config, plan, resume=resume, fingerprint=fingerprint,
@@ -203,14 +202,6 @@ def run_cv(
     weights = _store_weights(storage, weights_file, weights_id)
     return _run(dataset, config, plan, storage, backend, weights=weights, address=address,
                 progress=progress, in_sample=in_sample)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _store_weights(storage: Storage, local: Path | None, weights_id: str) -> str:
@@ -228,8 +219,6 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
          in_sample: bool) -> CVResult:
     from . import _cluster
     from ._metrics import coco_metrics
-    from ._outputs import write_all, write_box_losses
-
     started = time.time()
     info = _cluster.connect(address)
     launch, lines = _cluster.plan_launch(info, config, folds=plan.k)
@@ -238,9 +227,7 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
     state = _rundir.read_state(storage)
     job = _job(storage, state["run_name"], config, weights, launch)
     table, losses, fold_info = _run_and_stitch(dataset, plan, job, backend, progress)
-    write_all(storage, table, dataset)
-    if losses is not None:
-        write_box_losses(storage, losses, dataset, plan.fold_of_image)
+    _write_outputs(storage, table, losses, dataset, plan.fold_of_image)
     metrics = coco_metrics(dataset, table, plan.fold_of_image, plan.k)
     metrics["folds_run"] = {str(f): v for f, v in sorted(fold_info.items())}
     metrics["launch"] = {"gpus_per_fold": launch.num_gpus, "cpus_per_fold": launch.num_cpus,
@@ -256,6 +243,16 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
     return CVResult(run_dir=run_dir, dataset=dataset, plan=plan, metrics=metrics)
 
 
+def _write_outputs(storage: Storage, table, losses, dataset: CocoDataset,
+                   fold_of_image: np.ndarray) -> None:
+    """Every output of a stitched run (the folds', or the in-sample baseline's)."""
+    from ._outputs import write_all, write_box_losses
+
+    write_all(storage, table, dataset)
+    if losses is not None:
+        write_box_losses(storage, losses, dataset, fold_of_image)
+
+
 def _say(line: str, progress: bool) -> None:
     if progress:
         print(f"[kfold-ray] {line}", file=sys.stderr, flush=True)
@@ -265,8 +262,8 @@ def _say(line: str, progress: bool) -> None:
 def _job(storage: Storage, run_name: str, config: CVConfig, weights: str, launch):
     from ._driver import FoldJob
 
-    return FoldJob(storage=storage, run_name=run_name, config=config, train=config.train,
-                   weights=weights, launch=launch)
+    return FoldJob(storage=storage, run_name=run_name, config=config, weights=weights,
+                   launch=launch)
 
 
 def _run_and_stitch(dataset: CocoDataset, plan, job, backend: FoldBackend, progress: bool):
@@ -314,14 +311,11 @@ def _run_in_sample(dataset: CocoDataset, storage: Storage, job, backend: FoldBac
     Runs after the folds (it reuses their resources); resumable like a fold.
     """
     from ._metrics import coco_metrics
-    from ._outputs import write_all, write_box_losses
 
     plan = _AllImagesPlan(dataset.num_images)
     table, losses, _ = _run_and_stitch(dataset, plan, replace(job, storage=storage), backend,
                                        progress)
-    write_all(storage, table, dataset)
-    if losses is not None:
-        write_box_losses(storage, losses, dataset, plan.fold_of_image)
+    _write_outputs(storage, table, losses, dataset, plan.fold_of_image)
     return coco_metrics(dataset, table, plan.fold_of_image, 1)["pooled"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ._config import DEFAULT_MODEL, SPLITS
-from ._exceptions import USER_INPUT_ERRORS, KfoldRayError
+from ._exceptions import USER_INPUT_ERRORS, KfoldRayError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -110,21 +110,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A dataset's problems, one line each (the first 50, then how many more); else one line.
         lines = getattr(e, "problems", None) or [str(e)]
         for line in lines[:50]:
-            print(f"kfold-ray: error: {_one_line(line)}", file=sys.stderr)
+            print(f"kfold-ray: error: {one_line(line)}", file=sys.stderr)
         more = max(getattr(e, "problem_count", 0), len(lines)) - min(len(lines), 50)
         if more > 0:
             print(f"kfold-ray: error: ... and {more} more problem{'s' if more > 1 else ''}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KfoldRayError as e:
-        print(f"kfold-ray: failed: {_one_line(e)}", file=sys.stderr)
+        print(f"kfold-ray: failed: {one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("kfold-ray: interrupted; finish later with the same command and --resume", file=sys.stderr)
         return 130
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def _validate(args) -> int:

@@ -17,10 +17,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
 
 from ._config import CVConfig
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,9 @@ def connect(address: str | None) -> ClusterInfo:
             except (ConnectionError, ValueError, RuntimeError) as e:
                 where = target or "the Ray cluster running on this node"
                 raise ConfigError(f"--address {where}: cannot join that Ray cluster "
-                                  f"({_one_line(e)[:300]}); use --address local for a new local one"
+                                  f"({one_line(e)[:300]}); use --address local for a new local one"
                                   ) from None
     return _describe(started_here)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _cluster_on_this_node() -> bool:
@@ -183,9 +179,3 @@ def _waves(folds: int, gpus: float, cpus: float, info: ClusterInfo) -> str:
     if gpus and waves > 1 and idle and folds % fit:
         line += f" (the last wave leaves room for {idle} more fold{'s' * (idle != 1)} idle)"
     return line
-
-
-def resources_summary() -> dict[str, Any]:
-    import ray
-
-    return dict(ray.cluster_resources())

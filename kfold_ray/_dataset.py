@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow.fs as pafs
 
-from . import _validate
+from . import _validate, _validate_files, _validate_locations, _validate_masks
 from ._exceptions import DatasetError, StorageError
 from ._storage import open_location
 from ._validate_masks import Segmentations
@@ -130,7 +130,7 @@ class CocoDataset:
     # ---- image files ------------------------------------------------------------------------
     def image_path(self, index: int) -> str:
         """Image ``index`` as an absolute local path or a URI (``image_root/file_name``)."""
-        return _validate.join(self.image_root, self.file_names[index])
+        return _validate_locations.join(self.image_root, self.file_names[index])
 
     def image_filesystem(self, index: int | None = None) -> tuple[pafs.FileSystem, str]:
         """(pyarrow filesystem, path in it) of image ``index`` (of the image root when None).
@@ -139,7 +139,7 @@ class CocoDataset:
         each node opens it with its own credentials).
         """
         fs, root = open_image_root(self.image_root)
-        return (fs, root) if index is None else (fs, _validate.join(root, self.file_names[index]))
+        return (fs, root) if index is None else (fs, _validate_locations.join(root, self.file_names[index]))
 
     def read_image_bytes(self, index: int) -> bytes:
         """The bytes of image ``index`` file (see `read_image_bytes`)."""
@@ -199,7 +199,7 @@ class CocoDataset:
         """Detectron2's ``INPUT.MASK_FORMAT`` that can read this dataset's (non-crowd) masks:
         ``"bitmask"`` when one of them is an RLE, else ``"polygon"``."""
         seg = self.segmentations
-        if seg is not None and (seg.kind[~self.iscrowd] == _validate.RLE).any():
+        if seg is not None and (seg.kind[~self.iscrowd] == _validate_masks.RLE).any():
             return "bitmask"
         return "polygon"
 
@@ -259,7 +259,7 @@ def read_image_bytes(dataset_or_root: "CocoDataset | str | os.PathLike[str]", im
             raise TypeError(f"with an image root, give a file name, got {type(image).__name__}")
         root, name = os.fspath(dataset_or_root), image
     fs, root_path = open_image_root(root)
-    return _validate.ImageFiles(fs, root_path, root).read_bytes(name)
+    return _validate_files.ImageFiles(fs, root_path, root).read_bytes(name)
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -317,13 +317,13 @@ def load_coco(
     ann_fs, ann_path, ann_location = open_location(_location(annotations, "annotations"),
                                                    what="annotations")
     if image_root is None:
-        root_location = _validate.parent(ann_location)
-        root_fs, root_path = ann_fs, _validate.parent(ann_path)
+        root_location = _validate_locations.parent(ann_location)
+        root_fs, root_path = ann_fs, _validate_locations.parent(ann_path)
     else:
         root_fs, root_path, root_location = open_location(_location(image_root, "image root"),
                                                           what="image root")
     _FILESYSTEMS[_cache_key(root_location)] = (root_fs, root_path)
-    files = _validate.ImageFiles(root_fs, root_path, root_location)
+    files = _validate_files.ImageFiles(root_fs, root_path, root_location)
     return _load_coco((ann_fs, ann_path, ann_location), files, check_images, exclude_unreadable)
 
 
@@ -341,7 +341,7 @@ def _location(value: str | os.PathLike[str], what: str) -> str:
     return text
 
 
-def _load_coco(annotations: tuple[pafs.FileSystem, str, str], files: _validate.ImageFiles,
+def _load_coco(annotations: tuple[pafs.FileSystem, str, str], files: _validate_files.ImageFiles,
                check_images: bool, exclude_unreadable: bool = False) -> CocoDataset:
     where = _validate.shown(annotations[2])
     raw, doc = _validate.read_document(*annotations)
@@ -351,9 +351,9 @@ def _load_coco(annotations: tuple[pafs.FileSystem, str, str], files: _validate.I
     category_ids = np.array([c[0] for c in cats], dtype=np.int64)
     images = _validate.parse_images(image_items, where, problems)
     anns = _validate.parse_annotations(ann_items, images, category_ids, where, problems)
-    faults: list[_validate.FileFault] = []
+    faults: list[_validate_files.FileFault] = []
     try:
-        sizes = _validate.check_image_files(files, images, decode=check_images, path=where, faults=faults)
+        sizes = _validate_files.check_image_files(files, images, decode=check_images, path=where, faults=faults)
     except DatasetError as e:  # the image root itself: no file can be checked
         problems.add(e.message, e.path or where)
         sizes = np.full(len(images.ids), -1, dtype=np.int64)
@@ -414,7 +414,7 @@ def _without_images(images: _validate.ImageTable, anns: _validate.AnnotationTabl
     return images, anns
 
 
-def _warn_excluded(excluded: list[ExcludedImage], faults: list[_validate.FileFault], where: str) -> None:
+def _warn_excluded(excluded: list[ExcludedImage], faults: list[_validate_files.FileFault], where: str) -> None:
     at = [f.index for f in faults if f.unreadable]
     listed = "; ".join(f"images[{i}] (id {e.image_id}): {e.reason}" for i, e in zip(at[:3], excluded))
     more = f"; and {len(excluded) - 3} more" if len(excluded) > 3 else ""
@@ -430,7 +430,7 @@ def _first_without_mask(anns: _validate.AnnotationTable) -> str | None:
     """One line naming the first (json order) non-crowd annotation without a segmentation."""
     seg = anns.segmentations
     assert seg is not None and anns.json_index is not None
-    lacking = np.flatnonzero((seg.kind == _validate.NO_MASK) & ~anns.iscrowd)
+    lacking = np.flatnonzero((seg.kind == _validate_masks.NO_MASK) & ~anns.iscrowd)
     if not lacking.size:
         return None
     row = int(lacking[np.argmin(anns.json_index[lacking])])

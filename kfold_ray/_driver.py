@@ -27,7 +27,7 @@ from . import _rundir
 from ._actor import RemoteFoldActor
 from ._backend import DiscardParts, FoldBackend, FoldTask, Progress
 from ._cluster import FoldLaunch
-from ._config import CVConfig, TrainConfig
+from ._config import CVConfig
 from ._dataset import CocoDataset
 from ._exceptions import ConfigError, FoldFailedError, FoldOutOfMemoryError, ImageReadError
 from ._folds import FoldPlan
@@ -65,8 +65,7 @@ class FoldJob:
     storage: Storage
     run_name: str
     config: CVConfig
-    train: TrainConfig  # config.train with MODEL.WEIGHTS resolved by the driver
-    weights: str
+    weights: str  # where the driver put MODEL.WEIGHTS in the run's storage ("" = the config's)
     launch: FoldLaunch
 
 
@@ -210,7 +209,7 @@ def _launch(state: _Fold, dataset_ref, plan: FoldPlan, job: FoldJob, backend: Fo
         predicted_with=reducer.predicted_with(fold),
         work_dir=job.storage.uri_of(_rundir.fold_work(fold)),
         seed=config.seed + fold,
-        train=job.train,
+        train=config.train,
         predict=config.predict,
         checkpoint_period=config.failure.checkpoint_period,
         num_cpus=job.launch.num_cpus,

@@ -157,5 +157,10 @@ class ImageReadError(KfoldRayError):
         return (ImageReadError, (self.node, self.path, self.cause))
 
 
+def one_line(e: BaseException) -> str:
+    """An error's message on one line (what the CLI and every wrapped error print)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 # Errors that mean "the user's input is wrong": exit code 2, one line, no traceback.
 USER_INPUT_ERRORS: tuple[type[KfoldRayError], ...] = (DatasetError, ConfigError, ResumeError)

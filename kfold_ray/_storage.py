@@ -19,6 +19,7 @@ itself, with its own credentials.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -31,12 +32,21 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ._atomic import atomic_path
-from ._exceptions import StorageError
+from ._exceptions import StorageError, one_line
 
-__all__ = ["Storage", "is_uri", "open_location"]
+__all__ = ["Storage", "file_sha256", "is_uri", "open_location"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _COPY_CHUNK = 8 << 20
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 hex of a local file, read in chunks (weights and checkpoints are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
@@ -60,15 +70,11 @@ def open_location(location: str | os.PathLike[str], *, what: str = "location"
         scheme = _SCHEME.match(text).group(1)
         raise StorageError(
             f"{what} {text!r}: cannot open storage with scheme {scheme!r} "
-            f"({_one_line(e)}); use a local path or an s3://, gs://, hdfs:// or file:// URI"
+            f"({one_line(e)}); use a local path or an s3://, gs://, hdfs:// or file:// URI"
         ) from None
     if isinstance(fs, pafs.LocalFileSystem):
         return fs, path, path
     return fs, path.rstrip("/"), text.rstrip("/")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # What an object store's error means for the user, by the code in pyarrow's message.
@@ -81,7 +87,7 @@ _CAUSES = (
 
 
 def _why(e: BaseException) -> str:
-    text = _one_line(e)
+    text = one_line(e)
     for code, meaning in _CAUSES:
         if code in text:
             return f"{meaning} ({text[:200]})"

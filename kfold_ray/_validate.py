@@ -31,20 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ._exceptions import DatasetError
-from ._validate_locations import _one_line, remote_info, shown
+from ._exceptions import DatasetError, one_line
+from ._validate_locations import remote_info, shown
 from ._validate_masks import Segmentations, parse_segmentations
 from ._validate_problems import _MISSING, Problems, _at, _fail, _kind, _Records, _report, show
-
-# Named through this module by its callers (`_dataset`, the tests, benchmarks/bench_validate.py).
-# The constants are copies: a value set here changes no check; set it on `_validate_files`.
-from ._validate_files import (  # noqa: F401
-    HEAD_BYTES, LOCAL_THREADS, REMOTE_CONNECTIONS, REMOTE_THREADS, REMOTE_WHOLE_BYTES, TAIL_BYTES,
-    FileFault, ImageFiles, _clients, check_image_files,
-)
-from ._validate_jpeg import jpeg_header  # noqa: F401
-from ._validate_locations import join, parent  # noqa: F401
-from ._validate_masks import NO_MASK, RLE, rle_string_total  # noqa: F401
 
 #: How far (pixels) a box may reach outside its image and still be accepted (then clipped).
 BOX_TOLERANCE_PX = 1.0
@@ -78,7 +68,7 @@ def read_document(fs: pafs.FileSystem, path: str, location: str) -> tuple[bytes,
             with fs.open_input_file(path) as f:
                 raw = f.read()
         except (OSError, pa.ArrowException) as exc:
-            raise DatasetError(f"cannot read annotations file: {_one_line(exc)[:300]}", path=p) from None
+            raise DatasetError(f"cannot read annotations file: {one_line(exc)[:300]}", path=p) from None
     return raw, parse_document(raw, p)
 
 

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ._exceptions import DatasetError
+from ._exceptions import DatasetError, one_line
 from ._validate_jpeg import _MORE, jpeg_header
-from ._validate_locations import _one_line, join, remote_info, shown
+from ._validate_locations import join, remote_info, shown
 from ._validate_problems import Problems, _at, show
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ def _check_file(files: ImageFiles, name: str, want: tuple[int, int] | None,
                 whole = 0 if files.local else REMOTE_WHOLE_BYTES
                 got = _image_size(read, size, files.location_of(name), whole_below=whole)
             except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
-                detail = _one_line(exc)
+                detail = one_line(exc)
                 return -1, f"corrupt or unreadable image {show(name)}: {detail}", files.location_of(name), True
     except _Missing as m:
         root = shown(files.location)
@@ -208,7 +208,7 @@ def _check_file(files: ImageFiles, name: str, want: tuple[int, int] | None,
         hint = " (it uses '\\'; write '/' between folders)" if "\\" in name else ""
         return -1, f"file {show(name)} not found under image root {root}{hint}", None, True
     except (OSError, pa.ArrowException) as exc:
-        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)[:300]
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)[:300]
         return -1, f"cannot read file {show(name)}: {cause}", files.location_of(name), True
     if want is not None and got[:2] != want:
         turned = " after its EXIF rotation" if got[2] else ""

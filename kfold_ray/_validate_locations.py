@@ -14,7 +14,7 @@ import re
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ._exceptions import StorageError
+from ._exceptions import StorageError, one_line
 from ._storage import is_uri
 
 # ---- storage ----------------------------------------------------------------------------------
@@ -57,10 +57,6 @@ def parent(location: str) -> str:
     return base.rstrip("/").rsplit("/", 1)[0] + query
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _missing_bucket(fs: pafs.FileSystem, path: str) -> str | None:
     """The bucket of ``path`` if the store has no such bucket (else None: the key is missing)."""
     if fs.type_name not in _MISSING_BUCKET_FS:
@@ -78,7 +74,7 @@ def remote_info(fs: pafs.FileSystem, path: str, what: str, location: str) -> paf
     try:
         info = fs.get_file_info(path)
     except (OSError, pa.ArrowException) as e:
-        raise StorageError(f"{what} {shown(location)}: cannot read the storage ({_one_line(e)[:300]}); "
+        raise StorageError(f"{what} {shown(location)}: cannot read the storage ({one_line(e)[:300]}); "
                            "check its credentials and endpoint") from None  # fmt: skip
     if info.type == pafs.FileType.NotFound and (bucket := _missing_bucket(fs, path)):
         raise StorageError(f"{what} {shown(location)}: bucket {bucket!r} does not exist")

@@ -17,7 +17,7 @@ import pytest
 from cocofactory import AWKWARD_NAME, coco_dict, edit_coco, make_coco, read_coco, upload_tree, write_coco
 from PIL import Image
 
-from kfold_ray import _validate, _validate_files
+from kfold_ray import _validate_files, _validate_jpeg, _validate_masks
 from kfold_ray._dataset import CocoDataset, load_coco, read_image_bytes
 from kfold_ray._exceptions import DatasetError, StorageError
 
@@ -538,7 +538,7 @@ def _with_big_jpegs(tmp_path: Path) -> tuple[Path, Path]:
     ann, img_dir = make_coco(tmp_path, mutate=big)
     _big_jpeg(img_dir / "big.jpg")
     data = _big_jpeg(img_dir / "big_icc.jpg", (1000, 800), icc=150_000, orientation=6)
-    assert data.index(b"\xff\xda") > _validate.HEAD_BYTES  # start of scan past the first read
+    assert data.index(b"\xff\xda") > _validate_files.HEAD_BYTES  # start of scan past the first read
     return ann, img_dir
 
 
@@ -556,8 +556,8 @@ def test_large_jpegs_are_judged_by_ranged_reads(tmp_path, monkeypatch):
     ds = load_coco(ann, img_dir)
     assert ds.widths[:2].tolist() == [400, 800]
     big = (img_dir / "big.jpg").stat().st_size
-    assert big > 2 * _validate.HEAD_BYTES
-    assert read[big] == [(_validate.HEAD_BYTES, 0), (_validate.TAIL_BYTES, big - _validate.TAIL_BYTES)]
+    assert big > 2 * _validate_files.HEAD_BYTES
+    assert read[big] == [(_validate_files.HEAD_BYTES, 0), (_validate_files.TAIL_BYTES, big - _validate_files.TAIL_BYTES)]
     icc = (img_dir / "big_icc.jpg").stat().st_size
     assert sum(n for n, _ in read[icc]) < icc  # grew past the ICC profile, not to the whole file
     # a large truncated JPEG is still caught, by its tail
@@ -684,7 +684,7 @@ def test_fast_jpeg_header_agrees_with_pillow():
     rng = np.random.default_rng(0)
     read = 0
     for name, data in _jpeg_variants().items():
-        fast = _validate.jpeg_header(data, Image.MAX_IMAGE_PIXELS)
+        fast = _validate_jpeg.jpeg_header(data, Image.MAX_IMAGE_PIXELS)
         if fast is not None:
             read += 1
             assert fast == _pillow_header(data), name
@@ -695,7 +695,7 @@ def test_fast_jpeg_header_agrees_with_pillow():
             spoilt = bytearray(data)
             for at in rng.integers(2, sos + 4, size=int(rng.integers(1, 4))):
                 spoilt[at] = int(rng.integers(256))
-            fast = _validate.jpeg_header(bytes(spoilt), Image.MAX_IMAGE_PIXELS)
+            fast = _validate_jpeg.jpeg_header(bytes(spoilt), Image.MAX_IMAGE_PIXELS)
             if isinstance(fast, tuple):
                 assert fast == _pillow_header(bytes(spoilt)), (name, bytes(spoilt[:sos + 4]).hex())
     assert read >= 160
@@ -705,8 +705,8 @@ def test_remote_check_opens_a_client_per_connection_pool(bucket):
     """One pyarrow S3 client keeps 25 requests in flight: 64 threads get 3 clients."""
     from kfold_ray._storage import open_location
 
-    files = _validate.ImageFiles(*open_location(f"{bucket}/x")[:2], f"{bucket}/x")
-    clients = _validate._clients(files, -(-_validate.REMOTE_THREADS // _validate.REMOTE_CONNECTIONS))
+    files = _validate_files.ImageFiles(*open_location(f"{bucket}/x")[:2], f"{bucket}/x")
+    clients = _validate_files._clients(files, -(-_validate_files.REMOTE_THREADS // _validate_files.REMOTE_CONNECTIONS))
     assert len(clients) == 3 and len({id(c.fs) for c in clients}) == 3
     assert {(c.root, c.location) for c in clients} == {(files.root, files.location)}
 
@@ -978,8 +978,8 @@ def test_rle_string_total_matches_pycocotools():
             mask[:] = t % 2
         encoded = mask_util.encode(np.asfortranarray(mask))["counts"].decode()
         assert rle_string(rle_counts(mask)) == encoded
-        assert _validate.rle_string_total(encoded) == h * w
-        assert _validate.rle_string_total(encoded[:-1]) != h * w
+        assert _validate_masks.rle_string_total(encoded) == h * w
+        assert _validate_masks.rle_string_total(encoded[:-1]) != h * w
 
 
 def test_excluded_images_take_their_masks_along(tmp_path):

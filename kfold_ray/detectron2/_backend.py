@@ -21,7 +21,8 @@ from .._config import TrainConfig
 from .._dataset import CocoDataset
 from .._exceptions import ConfigError, DatasetError, FoldOutOfMemoryError
 from .._storage import Storage
-from ._config import build_cfg, import_detectron2, one_line
+from ._config import build_cfg, import_detectron2
+from .._exceptions import one_line
 from ._data import check_images_readable, image_error, register_split
 from ._predict import predict_halving_on_oom
 from ._train import fold_log, log_to_file, model_id, train

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from .._config import TrainConfig
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, one_line
 
 # Presets: a model-zoo base config plus overrides. `tiny` trains from scratch (no weights can be
 # downloaded on every machine) and is small enough for CPU: ResNet-18 FPN on ~128 px images.
@@ -133,7 +133,3 @@ def resolve_model(model: str) -> tuple[str, tuple[str, ...]]:
     if model in PRESETS:
         return PRESETS[model]
     return model, ()
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

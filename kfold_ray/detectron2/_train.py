@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .._backend import FoldTask, Progress
 from .._checkpoints import CheckpointSync
+from .._storage import file_sha256
 from ._data import node_name
 
 def train(cfg, fold: int, sync: CheckpointSync | None = None):
@@ -76,13 +77,7 @@ def fold_log(task: FoldTask, resumed: str | None, sync: CheckpointSync) -> None:
 
 def model_id(scratch: Path, sync: CheckpointSync) -> str:
     """``<checkpoint name>:<sha256 prefix>`` of the trained model (what its predictions record)."""
-    import hashlib
-
     name = sync.latest_local()
     if not name or not (scratch / name).is_file():
         return ""
-    h = hashlib.sha256()
-    with open(scratch / name, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return f"{name}:{h.hexdigest()[:16]}"
+    return f"{name}:{file_sha256(scratch / name)[:16]}"

@@ -1,0 +1,132 @@
+"""cleanlab's ObjectLab image scores from per-image ``auxiliary_inputs``, without its process pools.
+
+``cleanlab.object_detection.filter.find_label_issues`` rebuilds the auxiliary inputs with a Python
+loop per box pair, then computes per-class AP at 10 IoU thresholds, starting a process pool for
+each threshold and shipping every image's boxes of every class to it (benchmarks/README.md,
+"Ranking at COCO scale": that is what made ranking COCO train take hours).
+``get_label_quality_scores`` rebuilds the auxiliary inputs once more. Here both come from the
+auxiliary inputs and per-box scores the report has already computed (`kfold_ray._report.
+auxiliary_inputs`, cleanlab's public ``compute_*_box_scores``), in one process, with the same
+constants, formulas and dtypes; tests check both against cleanlab on random data.
+
+One difference: where two predictions of one class have exactly the same score, cleanlab's order
+among them is numpy's unstable quicksort; ours is the table's (stable). Only AP can differ then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["find_label_issues", "label_quality_scores", "per_class_ap"]
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # as cleanlab's _get_per_class_ap
+
+
+def label_quality_scores(pooled: dict[str, np.ndarray]) -> np.ndarray:
+    """cleanlab's ``get_label_quality_scores`` from the pooled subtype scores ("overlooked",
+    "swapped", "badly_located"): their weighted geometric mean with cleanlab's default weights."""
+    from cleanlab.internal.constants import (
+        CUSTOM_SCORE_WEIGHT_BADLOC,
+        CUSTOM_SCORE_WEIGHT_OVERLOOKED,
+        CUSTOM_SCORE_WEIGHT_SWAP,
+        TINY_VALUE,
+    )
+
+    weights = {"overlooked": CUSTOM_SCORE_WEIGHT_OVERLOOKED, "swapped": CUSTOM_SCORE_WEIGHT_SWAP,
+               "badly_located": CUSTOM_SCORE_WEIGHT_BADLOC}
+    log = sum(w * np.log(TINY_VALUE + np.asarray(pooled[k], dtype=np.float64))
+              for k, w in weights.items())
+    return np.exp(log)
+
+
+def find_label_issues(aux: list[dict[str, Any]], per_box: dict[str, list[np.ndarray]],
+                      num_classes: int) -> np.ndarray:
+    """bool (N,): cleanlab's ``find_label_issues`` (default arguments) from the auxiliary inputs
+    and the per-box scores: a box is an issue when its subtype score is <= 0.8 x a quarter of its
+    class's AP (averaged over IoU 0.5:0.95); an image when any of its boxes is."""
+    from cleanlab.internal.constants import (
+        AP_SCALE_FACTOR,
+        BADLOC_THRESHOLD_FACTOR,
+        OVERLOOKED_THRESHOLD_FACTOR,
+        SWAP_THRESHOLD_FACTOR,
+    )
+
+    threshold = per_class_ap(aux, num_classes) * AP_SCALE_FACTOR
+    checks = (("overlooked", "pred_labels", OVERLOOKED_THRESHOLD_FACTOR),
+              ("badly_located", "lab_labels", BADLOC_THRESHOLD_FACTOR),
+              ("swapped", "lab_labels", SWAP_THRESHOLD_FACTOR))
+    out = np.zeros(len(aux), dtype=bool)
+    for kind, classes, factor in checks:
+        for i, a in enumerate(aux):
+            scores = np.asarray(per_box[kind][i], dtype=np.float64)
+            if scores.size:  # cleanlab reads a missing score (NaN) as clean (1.0)
+                scores = np.where(np.isnan(scores), 1.0, scores)
+                out[i] |= bool(np.any(scores <= threshold[a[classes]] * factor))
+    return out
+
+
+def per_class_ap(aux: list[dict[str, Any]], num_classes: int) -> np.ndarray:
+    """float64 (C,): per class, AP averaged over IoU 0.5:0.95 as cleanlab's ``_get_per_class_ap``
+    computes it (VOC-style all-point interpolation over all images' predictions of the class)."""
+    cls, score, best, label = _best_same_class_label(aux)
+    num_gts = np.bincount(np.concatenate([a["lab_labels"] for a in aux] or [np.zeros(0, np.int64)]),
+                          minlength=num_classes)
+    # Per class, predictions by descending score (cleanlab sorts each class's predictions so).
+    order = np.lexsort((-score, cls))
+    starts = np.searchsorted(cls[order], np.arange(num_classes + 1))
+    aps = np.zeros((len(IOU_THRESHOLDS), num_classes), dtype=np.float32)
+    for t, iou in enumerate(IOU_THRESHOLDS):
+        tp = _true_positives(score, best, label, iou)[order]
+        for c in range(num_classes):
+            aps[t, c] = _average_precision(tp[starts[c]:starts[c + 1]], num_gts[c])
+    return aps.mean(axis=0).astype(np.float64)
+
+
+def _best_same_class_label(aux: list[dict[str, Any]]):
+    """Per prediction (all images, flattened): class, score, IoU of its best-overlapping given box
+    of its own class (-1: none) and that box's global index."""
+    cls, score, best, label = [], [], [], []
+    offset = 0
+    for a in aux:
+        iou, lab, pred = a["iou_matrix"], a["lab_labels"], a["pred_labels"]
+        cls.append(pred)
+        score.append(a["pred_label_probs"])
+        if iou.shape[0] and pred.size:
+            same = np.where(lab[:, None] == pred[None, :], iou, -1.0)
+            best.append(same.max(axis=0))
+            label.append(same.argmax(axis=0) + offset)
+        else:
+            best.append(np.full(pred.size, -1.0))
+            label.append(np.zeros(pred.size, dtype=np.int64))
+        offset += lab.size
+    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
+    return cat(cls, np.int64), cat(score, np.float64), cat(best, np.float64), cat(label, np.int64)
+
+
+def _true_positives(score: np.ndarray, best: np.ndarray, label: np.ndarray, iou: float) -> np.ndarray:
+    """float32 (M,) 1 for a true positive: cleanlab's greedy match (per image, by descending score,
+    a prediction takes its best same-class box if IoU >= iou and no earlier one took it) is the
+    first prediction, by descending score, of those whose best box is that box."""
+    tp = np.zeros(score.size, dtype=np.float32)
+    eligible = np.flatnonzero(best >= iou)
+    if eligible.size:
+        by_box = eligible[np.lexsort((-score[eligible], label[eligible]))]
+        first = np.r_[True, label[by_box][1:] != label[by_box][:-1]]
+        tp[by_box[first]] = 1.0
+    return tp
+
+
+def _average_precision(tp: np.ndarray, num_gts: int) -> np.float32:
+    """cleanlab's ``_calculate_average_precision`` of one class's predictions (descending score)."""
+    true_pos = np.cumsum(tp, dtype=np.float32)
+    false_pos = np.cumsum(1.0 - tp, dtype=np.float32)
+    eps = np.finfo(np.float32).eps
+    recall = true_pos / np.maximum(np.array([num_gts]), eps)
+    precision = true_pos / np.maximum(true_pos + false_pos, eps)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # the precision envelope
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return np.float32(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))

@@ -85,7 +85,8 @@ class CVResult:
         return pq.read_table(self.storage.open_input_file(_rundir.PREDICTIONS_PARQUET))
 
     # ---- label issues (kfold_ray._report) ----
-    def label_issues(self, top: int | None = None, *, in_sample: bool = False):
+    def label_issues(self, top: int | None = None, *, in_sample: bool = False,
+                     calibrate: bool | None = None):
         """Images ranked by how likely their labels are wrong (cleanlab, scored once over all images).
 
         Writes ``label_issues.parquet`` and ``label_issues.csv`` into the run dir (with
@@ -94,19 +95,22 @@ class CVResult:
         Args:
             top: keep only the ``top`` worst images (default: all).
             in_sample: rank the in-sample predictions (``run_cv(..., in_sample=True)``) instead.
+            calibrate: score with cross-fitted calibrated detection scores (default:
+                ``kfold_ray._report.CALIBRATE_DEFAULT``; see `kfold_ray._calibrate`).
 
         Returns:
             A pyarrow Table, worst first: ``rank``, ``image_id``, ``file_name``, ``quality_score``,
             ``is_issue``, ``issue_kind`` (overlooked / swapped / badly_located), the boxes
             concerned (``boxes``, JSON), ... (see `kfold_ray._report`).
         """
-        from ._report import label_issues_for_run, open_run, synced_run_dir
+        from ._report import CALIBRATE_DEFAULT, label_issues_for_run, open_run, synced_run_dir
 
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
             raise ConfigError(f"top must be None or an integer >= 0, got {top!r}")
         with synced_run_dir(self.storage) as local:
             run = open_run(local, dataset=self.dataset)
-            table = label_issues_for_run(run, in_sample=in_sample)
+            table = label_issues_for_run(run, in_sample=in_sample,
+                                         calibrate=CALIBRATE_DEFAULT if calibrate is None else calibrate)
         return table if top is None else table.slice(0, top)
     # ---- end label issues ----
 

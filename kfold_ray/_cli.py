@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ._config import DEFAULT_MODEL, SPLITS
+from ._example import EXAMPLE_MAX_ITER
 from ._exceptions import USER_INPUT_ERRORS, KfoldRayError, one_line
+from ._report import CALIBRATE_DEFAULT
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(<run-dir>-data) in the same storage, where every node reads it")
     ex.add_argument("--images", type=int, default=150, help="number of example images")
     ex.add_argument("-k", type=int, default=3)
-    ex.add_argument("--max-iter", type=int, default=150, help="training iterations per fold")
+    ex.add_argument("--max-iter", type=int, default=EXAMPLE_MAX_ITER, help="training iterations per fold")
     ex.add_argument("--gpus-per-fold", type=float, default=1.0)
     ex.add_argument("--resume", action="store_true")
     ex.add_argument("--address", default=None, help="Ray cluster address (as for run)")
@@ -52,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rank likely label errors of a finished run; write report/index.html")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder (path or URI)")
     rep.add_argument("--top", type=int, default=20, help="suspect images shown on the page (default 20)")
+    rep.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=CALIBRATE_DEFAULT,
+                     help="score with per-class calibrated detection scores, each fold's mapped by a "
+                          "calibration fitted on the other folds' images (default: "
+                          f"{'on' if CALIBRATE_DEFAULT else 'off'}; benchmarks/README.md)")
     # ---- end report ----
     return parser
 
@@ -158,7 +164,7 @@ def _run(args) -> int:
 
 def _example(args) -> int:
     from ._api import run_cv
-    from ._example import make_digits_example
+    from ._example import EXAMPLE_MODEL, example_overrides, make_digits_example
 
     from ._storage import Storage, is_uri
 
@@ -184,9 +190,8 @@ def _example(args) -> int:
     print(f"example dataset: {annotations} ({args.images} images, injected label errors "
           f"listed in {errors})")
     result = run_cv(
-        annotations, args.k, image_root=image_root, model="tiny",
-        overrides=["SOLVER.MAX_ITER", str(args.max_iter),
-                   "SOLVER.STEPS", f"({int(args.max_iter * 0.8)},)"],
+        annotations, args.k, image_root=image_root, model=EXAMPLE_MODEL,
+        overrides=example_overrides(args.max_iter),
         gpus_per_fold=args.gpus_per_fold, run_dir=run_dir, resume=args.resume,
         address=args.address,
     )
@@ -197,58 +202,54 @@ def _example(args) -> int:
 
 def _score_example(result, errors) -> None:
     """Rank the example's images and say how many of its injected errors the ranking finds."""
-    import json
-
-    from sklearn.metrics import roc_auc_score
-
-    from ._report import label_issues_for_run, open_run, synced_run_dir
+    from ._report import label_issues_for_run, open_run, read_injected_errors, synced_run_dir
     from ._report_page import write_report
-    from ._storage import Storage, is_uri
 
-    errors = str(errors)
-    text = (Storage(errors.rsplit("/", 1)[0]).read_text(errors.rsplit("/", 1)[1]) if is_uri(errors)
-            else Path(errors).read_text(encoding="utf-8"))
-    injected = {e["image_id"] for e in json.loads(text)}
+    injected = read_injected_errors(str(errors))
     with synced_run_dir(result.storage) as local:
         run = open_run(local, dataset=result.dataset)
         table = label_issues_for_run(run)
         page = write_report(run, {"out_of_fold": table}, top=20)
-    ids = table.column("image_id").to_pylist()
-    hit = [i in injected for i in ids]
-    n = len(injected)
-    print(f"label issues: the {n} injected errors, {sum(hit[:n])} of them in the top {n} "
-          f"(precision {sum(hit[:n]) / n:.2f}); AUROC of the ranking "
-          f"{roc_auc_score(hit, -table.column('rank').to_numpy()):.3f}")
-    for row, bad in zip(table.slice(0, 5).to_pylist(), hit):
-        print(f"  #{row['rank']:<3} image {row['image_id']:<6} {'injected error' if bad else '-':<15}"
-              f" {row['file_name']}")
+    _print_scorecard(table, injected or [])
     print(f"  {result.storage.uri_of(page.relative_to(local).as_posix())}")
+
+
+def _print_scorecard(table, injected: list[dict], *, shown: int = 5) -> None:
+    """The known errors in the top N and the AUROC (when there are any), then the top suspects."""
+    from ._report import score_against_injected
+
+    score = score_against_injected(table, injected)
+    n = score["n"]
+    if n:
+        auroc = "n/a" if score["auroc"] is None else f"{score['auroc']:.3f}"
+        print(f"label issues: the {n} injected errors, {score['in_top_n']} of them in the top {n} "
+              f"(precision {score['precision']:.2f}); AUROC of the ranking {auroc}")
+    for row in table.slice(0, shown).to_pylist():
+        bad = row["image_id"] in score["image_ids"]
+        print(f"  #{row['rank']:<3} image {row['image_id']:<8} {row['issue_kind'] or '-':<14}"
+              f" {'injected error' if bad else '':<15} {row['file_name']}")
 
 
 # ---- report (label issues) ----
 def _report(args) -> int:
-    from ._report import label_issues_for_run, open_run
+    from ._report import injected_errors_of, label_issues_for_run, open_run, synced_run_dir
     from ._report_page import write_report
+    from ._storage import Storage
 
     if args.top < 0:
         print(f"kfold-ray: error: --top must be >= 0, got {args.top}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from ._report import synced_run_dir
-    from ._storage import Storage
-
     storage = Storage(args.run_dir)
     with synced_run_dir(storage) as local:
         run = open_run(local)
-        rankings = {"out_of_fold": label_issues_for_run(run)}
+        rankings = {"out_of_fold": label_issues_for_run(run, calibrate=args.calibrate)}
         if run.has_in_sample:
-            rankings["in_sample"] = label_issues_for_run(run, in_sample=True)
+            rankings["in_sample"] = label_issues_for_run(run, in_sample=True, calibrate=args.calibrate)
         page = write_report(run, rankings, top=args.top)
     oof = rankings["out_of_fold"]
     flagged = sum(oof.column("is_issue").to_pylist())
     print(f"cleanlab flags {flagged} of {oof.num_rows} images as likely mislabelled")
-    for row in oof.slice(0, min(5, args.top)).to_pylist():
-        print(f"  #{row['rank']:<3} image {row['image_id']:<8} quality {row['quality_score']:.4f}  "
-              f"{row['issue_kind'] or '-':<14} {row['file_name']}")
+    _print_scorecard(oof, injected_errors_of(run.dataset) or [], shown=min(5, args.top))
     for name in ("label_issues.csv", "label_issues.parquet", page.relative_to(local).as_posix()):
         print(f"  {storage.uri_of(name)}")
     return EXIT_OK

@@ -36,6 +36,16 @@ from ._exceptions import ConfigError
 
 ERROR_KINDS: tuple[str, ...] = ("swapped", "missing", "shifted")
 
+#: What `kfold-ray example` trains: the ``tiny`` preset for ``max_iter`` iterations (benchmarks
+#: reuse it, so that "the example's budget" means exactly what the README command runs).
+EXAMPLE_MODEL = "tiny"
+EXAMPLE_MAX_ITER = 150
+
+
+def example_overrides(max_iter: int = EXAMPLE_MAX_ITER) -> list[str]:
+    """Detectron2 overrides of the example's training: the schedule, its LR step at 80 %."""
+    return ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", f"({int(max_iter * 0.8)},)"]
+
 _MAX_DIGITS = 4
 _MIN_SIDE, _MAX_SIDE = 0.19, 0.31  # digit size, as a fraction of the image side
 _INK_THRESHOLD = 0.4  # upscaled ink below this fraction of full is not drawn at all

@@ -59,19 +59,24 @@ import pyarrow as pa
 
 from . import _rundir
 from ._atomic import atomic_path
-from ._exceptions import ConfigError, DatasetError
+from ._exceptions import ConfigError, DatasetError, KfoldRayError
 from ._storage import Storage
 
 if TYPE_CHECKING:
     from ._dataset import CocoDataset
 
 __all__ = [
+    "CALIBRATE_DEFAULT",
+    "INJECTED_ERRORS",
     "ISSUE_KINDS",
     "LABEL_ISSUE_COLUMNS",
     "FinishedRun",
+    "injected_errors_of",
     "label_issues_for_run",
     "open_run",
     "rank_label_issues",
+    "read_injected_errors",
+    "score_against_injected",
     "write_label_issues",
 ]
 
@@ -85,6 +90,12 @@ _REPORT_INPUTS = (_rundir.RUN_STATE, _rundir.CONFIG, _rundir.METRICS, _rundir.FO
                   f"{IN_SAMPLE_DIR}/{_rundir.BOX_LOSSES_PARQUET}")
 #: A prediction overlapping no given box above this IoU is "unmatched" (a possibly missing label).
 UNMATCHED_IOU = 0.5
+#: Whether the ranking calibrates scores by default (`kfold_ray._calibrate`): decided by
+#: benchmarks/bench_label_issues.py (benchmarks/README.md, "Finding label errors").
+CALIBRATE_DEFAULT = False
+_LOSS_TERMS = ("loss_cls", "loss_box_reg", "p_given", "p_background")
+_CLEANLAB_AUX_KEYS = ("pred_labels", "pred_label_probs", "pred_bboxes", "lab_labels", "lab_bboxes",
+                      "similarity_matrix", "iou_matrix", "min_possible_similarity")
 _SIGNAL_COLUMNS = ("loss_score", "unmatched_score", "combined_score")
 
 ISSUE_KINDS: tuple[str, ...] = ("overlooked", "swapped", "badly_located")
@@ -232,12 +243,13 @@ def _read_json(path: Path, run_dir: Path) -> dict[str, Any]:
 
 # ---- the ranking ---------------------------------------------------------------------------------
 def label_issues_for_run(
-    run: FinishedRun, *, in_sample: bool = False, write: bool = True
+    run: FinishedRun, *, in_sample: bool = False, write: bool = True,
+    calibrate: bool = CALIBRATE_DEFAULT,
 ) -> pa.Table:
     """Rank a finished run's out-of-fold (or, with ``in_sample``, in-sample) predictions.
 
     With ``write``, also writes ``label_issues.parquet`` and ``label_issues.csv`` beside the
-    predictions (the run dir, or its ``in_sample/``).
+    predictions (the run dir, or its ``in_sample/``). ``calibrate``: see `rank_label_issues`.
     """
     folder = run.run_dir / IN_SAMPLE_DIR if in_sample else run.run_dir
     path = folder / PREDICTIONS
@@ -249,8 +261,11 @@ def label_issues_for_run(
     folds = np.zeros_like(run.fold_of_image) if in_sample else run.fold_of_image  # one model: "fold" 0
     losses_path = folder / _rundir.BOX_LOSSES_PARQUET
     losses = pq.read_table(losses_path) if losses_path.is_file() else None
+    # Calibration is cross-fitted over the fold plan's images even in-sample (one model): an
+    # image's own labels never fit the map that calibrates its scores.
     table = rank_label_issues(run.dataset, pq.read_table(path), fold_of_image=folds,
-                              box_losses=losses)
+                              box_losses=losses, calibrate=calibrate,
+                              calibration_groups=run.fold_of_image)
     if write:
         write_label_issues(folder, table)
     return table
@@ -258,7 +273,8 @@ def label_issues_for_run(
 
 def rank_label_issues(
     dataset: CocoDataset, predictions: pa.Table, *, fold_of_image: np.ndarray | None = None,
-    box_losses: pa.Table | None = None,
+    box_losses: pa.Table | None = None, calibrate: bool = CALIBRATE_DEFAULT,
+    calibration_groups: np.ndarray | None = None,
 ) -> pa.Table:
     """Score every image with cleanlab, once over the whole table, and rank them worst first.
 
@@ -269,8 +285,12 @@ def rank_label_issues(
             in-sample. Images without a row have no detection.
         fold_of_image: int (N,) fold that predicted each image; default: from the table's ``fold``
             column (-1 for an image without detections).
-        box_losses: ``box_losses.parquet`` of the run (``image_index``, ``loss_cls``,
-            ``loss_box_reg``), for the loss-inspection columns; None leaves them NaN.
+        box_losses: ``box_losses.parquet`` of the run (``image_index``, ``annotation_id`` or
+            ``ann_row``, ``loss_cls``, ``loss_box_reg``, ``p_given``, ``p_background``), for the
+            loss-inspection columns and issue kinds; None leaves those columns null.
+        calibrate: score with cross-fitted per-class calibrated scores (`kfold_ray._calibrate`)
+            instead of the raw ones; the raw scores stay in ``boxes`` (``score``).
+        calibration_groups: int (N,) cross-fitting group of each image (default: its fold).
 
     Returns:
         A pyarrow Table with `LABEL_ISSUE_COLUMNS`, sorted by ``rank`` (1 = worst).
@@ -288,34 +308,46 @@ def rank_label_issues(
                              f"expected ({dataset.num_images},)")
     if dataset.num_images == 0:
         raise ValueError("the dataset has no images to rank")
-    return _rank(dataset, predictions, fold_of_image, box_losses)
+    if calibration_groups is not None:
+        calibration_groups = np.asarray(calibration_groups, dtype=np.int64)
+        if calibration_groups.shape != (dataset.num_images,):
+            raise ValueError(f"calibration_groups has shape {calibration_groups.shape}, "
+                             f"expected ({dataset.num_images},)")
+    return _rank(dataset, predictions, fold_of_image, box_losses, calibrate, calibration_groups)
 
 
 def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | None,
-          box_losses: pa.Table | None = None) -> pa.Table:
-    from cleanlab.object_detection import filter as cl_filter
+          box_losses: pa.Table | None = None, calibrate: bool = False,
+          calibration_groups: np.ndarray | None = None) -> pa.Table:
     from cleanlab.object_detection import rank as cl_rank
 
+    from ._objectlab import find_label_issues, label_quality_scores
     from ._outputs import cleanlab_predictions
 
-    labels = dataset.cleanlab_labels()
+    if fold_of_image is None:
+        fold_of_image = _fold_from_table(table, dataset.num_images)
     predictions = cleanlab_predictions(table, num_images=dataset.num_images,
                                        num_classes=dataset.num_classes)
-    quality = np.asarray(cl_rank.get_label_quality_scores(labels, predictions, verbose=False),
-                         dtype=np.float64)
-    is_issue = np.asarray(cl_filter.find_label_issues(labels, predictions), dtype=bool)
-    aux = auxiliary_inputs(labels, predictions)
+    aux = auxiliary_inputs(dataset.cleanlab_labels(), predictions)
+    if calibrate:
+        from ._calibrate import calibrate_scores
+
+        calibrate_scores(aux, fold_of_image if calibration_groups is None else calibration_groups)
+    # cleanlab's scores and flags from the auxiliary inputs built once (cleanlab's own
+    # find_label_issues rebuilds them twice and starts process pools: kfold_ray/_objectlab.py).
+    view = [{k: a[k] for k in _CLEANLAB_AUX_KEYS} for a in aux]  # cleanlab takes no other keys
     per_box = {
-        "overlooked": cl_rank.compute_overlooked_box_scores(auxiliary_inputs=aux),
-        "swapped": cl_rank.compute_swap_box_scores(auxiliary_inputs=aux),
-        "badly_located": cl_rank.compute_badloc_box_scores(auxiliary_inputs=aux),
+        "overlooked": cl_rank.compute_overlooked_box_scores(auxiliary_inputs=view),
+        "swapped": cl_rank.compute_swap_box_scores(auxiliary_inputs=view),
+        "badly_located": cl_rank.compute_badloc_box_scores(auxiliary_inputs=view),
     }
     pooled = {kind: np.asarray(cl_rank.pool_box_scores_per_image(scores), dtype=np.float64)
               for kind, scores in per_box.items()}
-    kinds, boxes = _explain(dataset, aux, per_box, pooled, is_issue)
-    if fold_of_image is None:
-        fold_of_image = _fold_from_table(table, dataset.num_images)
+    quality = label_quality_scores(pooled)
+    is_issue = find_label_issues(aux, per_box, dataset.num_classes)
+    losses = _losses_per_box(dataset, box_losses) if box_losses is not None else None
     signals = _loss_signals(dataset.num_images, aux, box_losses)
+    kinds, boxes = _explain(dataset, aux, per_box, pooled, is_issue, losses, signals)
     # Worst first. With the fold models' box losses, by the combined loss/unmatched signal (it
     # finds errors where cleanlab's thresholds see nothing: benchmarks/README.md), cleanlab's
     # quality breaking ties; else by quality alone. Ties keep dataset order.
@@ -356,11 +388,10 @@ def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
         combined_score   the larger of the two, each as its rank fraction over the dataset in
                          [0, 1] (no weights to tune); null without losses
     """
-    from scipy.stats import rankdata
 
     unmatched = np.zeros(n, dtype=np.float64)
     for i, a in enumerate(aux):
-        probs = a["pred_label_probs"]
+        probs = _raw_probs(a)
         if probs.size:
             iou = a["iou_matrix"]
             free = np.ones(probs.size, dtype=bool) if iou.shape[0] == 0 else iou.max(axis=0) < UNMATCHED_IOU
@@ -372,9 +403,39 @@ def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
         total = (box_losses.column("loss_cls").to_numpy().astype(np.float64)
                  + box_losses.column("loss_box_reg").to_numpy().astype(np.float64))
         np.maximum.at(loss, images, total)
-    fraction = lambda x: (rankdata(x) - 1) / max(n - 1, 1)  # noqa: E731
-    combined = np.maximum(fraction(loss), fraction(unmatched)) if box_losses is not None else loss
+    combined = (np.maximum(_rank_fraction(loss), _rank_fraction(unmatched))
+                if box_losses is not None else loss)
     return {"loss_score": loss, "unmatched_score": unmatched, "combined_score": combined}
+
+
+def _raw_probs(a: dict[str, Any]) -> np.ndarray:
+    """An image's prediction scores as the model gave them (before any calibration)."""
+    return a.get("raw_label_probs", a["pred_label_probs"])
+
+
+def _losses_per_box(dataset: CocoDataset, box_losses: pa.Table) -> dict[str, np.ndarray]:
+    """The loss terms (`_LOSS_TERMS`) of every given (non-crowd) box, float64 (num kept boxes,),
+    in the order of cleanlab's labels (image by image); NaN for a box without a row."""
+    keep = ~np.asarray(dataset.iscrowd, dtype=bool)
+    kept_before = np.concatenate([[0], np.cumsum(keep)])
+    if "ann_row" in box_losses.column_names:
+        rows = box_losses.column("ann_row").to_numpy().astype(np.int64)
+    else:  # box_losses.parquet names the annotation by id; ids the dataset lacks are left out
+        sorter = np.argsort(dataset.ann_ids, kind="stable")
+        ids = box_losses.column("annotation_id").to_numpy().astype(np.int64)
+        at = np.searchsorted(dataset.ann_ids, ids, sorter=sorter)
+        found = at < len(sorter)
+        found[found] = dataset.ann_ids[sorter[at[found]]] == ids[found]
+        rows = sorter[at[found]]
+        box_losses = box_losses.filter(pa.array(found))
+    ok = keep[rows]
+    out = {}
+    for name in _LOSS_TERMS:
+        column = np.full(int(keep.sum()), np.nan)
+        if name in box_losses.column_names:
+            column[kept_before[rows[ok]]] = box_losses.column(name).to_numpy()[ok].astype(np.float64)
+        out[name] = column
+    return out
 
 
 def _fold_from_table(table: pa.Table, num_images: int) -> np.ndarray:
@@ -443,12 +504,16 @@ def _iou_matrix(a: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
 
 # ---- which kind, which boxes ------------------------------------------------------------------------
 def _explain(dataset: CocoDataset, aux: list[dict[str, Any]], per_box: dict[str, list[np.ndarray]],
-             pooled: dict[str, np.ndarray], is_issue: np.ndarray) -> tuple[list[str], list[str]]:
+             pooled: dict[str, np.ndarray], is_issue: np.ndarray,
+             losses: dict[str, np.ndarray] | None = None,
+             signals: dict[str, np.ndarray] | None = None) -> tuple[list[str], list[str]]:
     """Per image: the most likely kind of problem and the JSON list of the boxes concerned.
 
-    The kind is the subtype with the lowest pooled score, named when cleanlab flags the image or
-    some box shows evidence (a per-box score below `KIND_CUT`); else "". The boxes are those of any
-    kind with evidence, plus the worst box of the named kind, sorted by their per-box score.
+    With the fold models' box losses, the kind comes from the per-box signals (`_loss_kind`) and
+    its box comes first. Without, it is the cleanlab subtype with the lowest pooled score, named
+    when cleanlab flags the image or some box shows evidence (a per-box score below `KIND_CUT`);
+    else "". The boxes are those of any cleanlab kind with evidence, plus the worst box of the
+    named kind, sorted by their per-box score.
     """
     keep = ~np.asarray(dataset.iscrowd, dtype=bool)
     kept_before = np.concatenate([[0], np.cumsum(keep)])
@@ -456,32 +521,93 @@ def _explain(dataset: CocoDataset, aux: list[dict[str, Any]], per_box: dict[str,
     starts = kept_before[dataset.ann_offsets[:-1]]
     names = dataset.class_names
     stacked = np.stack([pooled[k] for k in ISSUE_KINDS], axis=1)  # (N, 3)
+    fractions = None
+    if losses is not None and signals is not None:
+        fractions = (_rank_fraction(signals["loss_score"]), _rank_fraction(signals["unmatched_score"]))
     kinds, boxes = [], []
     for i, a in enumerate(aux):
         scores = {k: np.asarray(per_box[k][i], dtype=np.float64) for k in ISSUE_KINDS}
-        evidence = any(np.any(s[~np.isnan(s)] < KIND_CUT) for s in scores.values())
-        kind = ISSUE_KINDS[int(np.argmin(stacked[i]))] if (is_issue[i] or evidence) else ""
-        if kind and stacked[i].min() >= 1.0:
-            kind = ""  # flagged by cleanlab's thresholds, yet no subtype shows anything
+        ids = ann_ids[starts[i]:]
+        if fractions is not None:
+            terms = {t: losses[t][starts[i]:starts[i] + len(a["lab_labels"])] for t in _LOSS_TERMS}
+            kind, j = _loss_kind(a, terms, fractions[0][i], fractions[1][i])
+            first = [_record(a, kind, j, scores, ids, names, terms)] if kind else []
+            records = first + [r for r in _box_records(a, scores, "", ids, names)
+                               if not first or _box_key(r) != _box_key(first[0])]
+        else:
+            evidence = any(np.any(s[~np.isnan(s)] < KIND_CUT) for s in scores.values())
+            kind = ISSUE_KINDS[int(np.argmin(stacked[i]))] if (is_issue[i] or evidence) else ""
+            if kind and stacked[i].min() >= 1.0:
+                kind = ""  # flagged by cleanlab's thresholds, yet no subtype shows anything
+            records = _box_records(a, scores, kind, ids, names)
         kinds.append(kind)
-        records = _box_records(a, scores, kind, ann_ids[starts[i]:], names)
         boxes.append(json.dumps(records, separators=(",", ":")))
     return kinds, boxes
 
 
+def _rank_fraction(x: np.ndarray) -> np.ndarray:
+    """Each value's rank among ``x`` as a fraction in [0, 1] (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    return (rankdata(x) - 1) / max(len(x) - 1, 1)
+
+
+#: A given box is suspect when its fold model gives the given class less than this probability;
+#: a prediction overlapping no given box is an overlooked object from this score on (cleanlab's
+#: own low-probability threshold: more likely than not).
+LOSS_KIND_PROB = 0.5
+
+
+def _loss_kind(a: dict[str, Any], terms: dict[str, np.ndarray], loss_fraction: float,
+               unmatched_fraction: float) -> tuple[str, int]:
+    """(kind, box) from the per-box signals: the box is the given box index (swapped,
+    badly_located) or the prediction index (overlooked); ("", -1) without evidence.
+
+    overlooked      a prediction overlapping no given box scores >= `LOSS_KIND_PROB`
+    swapped         the worst given box (largest loss_cls + loss_box_reg) gets p_given <
+                    `LOSS_KIND_PROB`, and the model sees another object there rather than
+                    background: the rest of its probability mass (1 - p_given - p_background)
+                    outweighs p_background, or a prediction of another class covers the box
+                    (IoU >= 0.5) scoring above every one of the given class
+    badly_located   that box is suspect otherwise (mostly background to the model: shifted)
+
+    When both an overlooked object and a suspect box are seen, the signal ranking the image
+    worse across the dataset (the one `combined_score` took) names it.
+    """
+    probs = _raw_probs(a)
+    iou = a["iou_matrix"]
+    free = np.ones(probs.size, dtype=bool) if iou.shape[0] == 0 else iou.max(axis=0) < UNMATCHED_IOU
+    m = int(np.flatnonzero(free)[np.argmax(probs[free])]) if free.any() else -1
+    overlooked = m >= 0 and probs[m] >= LOSS_KIND_PROB
+    total = terms["loss_cls"] + terms["loss_box_reg"]
+    j = int(np.nanargmax(total)) if np.isfinite(total).any() else -1
+    suspect = j >= 0 and terms["p_given"][j] < LOSS_KIND_PROB
+    if overlooked and (not suspect or unmatched_fraction >= loss_fraction):
+        return "overlooked", m
+    if not suspect:
+        return "", -1
+    p_given, p_background = terms["p_given"][j], terms["p_background"][j]
+    other = 1.0 - p_given - p_background
+    return ("swapped" if other > p_background or _other_class_wins(a, j) else "badly_located"), j
+
+
+def _other_class_wins(a: dict[str, Any], j: int) -> bool:
+    """A prediction of another class covers given box j (IoU >= 0.5) and scores above every
+    prediction of the given class that does."""
+    covers = a["iou_matrix"][j] >= UNMATCHED_IOU
+    probs = _raw_probs(a)
+    same = a["pred_labels"] == a["lab_labels"][j]
+    return probs[covers & ~same].max(initial=0.0) > probs[covers & same].max(initial=0.0)
+
+
+def _box_key(record: dict[str, Any]) -> tuple:
+    return (record["kind"], record["source"], record.get("annotation_id"), tuple(record["bbox"]))
+
+
 def _box_records(a: dict[str, Any], scores: dict[str, np.ndarray], kind: str,
                  ann_ids: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
-    """JSON-ready records of an image's boxes concerned, worst first.
-
-    overlooked: ``{"kind", "source": "predicted", "bbox", "class", "class_index", "score",
-    "box_score"}``; swapped and badly_located: ``{"kind", "source": "given", "annotation_id",
-    "bbox", "class", "class_index", "box_score", "predicted": {"bbox", "class", "class_index",
-    "score"} or null}`` where ``predicted`` is the prediction the given box was compared with
-    (the confident other-class one for a swap, the best-overlapping same-class one for badloc).
-    ``box_score`` is cleanlab's per-box subtype score (lower = more likely wrong).
-    """
-    from cleanlab.internal.constants import HIGH_PROBABILITY_THRESHOLD, LOW_PROBABILITY_THRESHOLD
-
+    """JSON-ready records (`_record`) of an image's boxes with cleanlab evidence (a per-box score
+    below `KIND_CUT`), plus the worst box of ``kind``, worst first."""
     chosen: list[tuple[float, str, int]] = []
     for k in ISSUE_KINDS:
         s = scores[k]
@@ -491,29 +617,69 @@ def _box_records(a: dict[str, Any], scores: dict[str, np.ndarray], kind: str,
             j = int(valid[np.argmin(s[valid])])
             chosen.append((float(s[j]), k, j))
     chosen.sort(key=lambda c: (c[0], ISSUE_KINDS.index(c[1]), c[2]))
-    out = []
-    for score, k, j in chosen:
-        if k == "overlooked":
-            c = int(a["pred_labels"][j])
-            out.append({"kind": k, "source": "predicted", "bbox": _box(a["pred_bboxes"][j]),
-                        "class": names[c], "class_index": c,
-                        "score": _num(a["pred_label_probs"][j]), "box_score": _num(score)})
-            continue
-        c = int(a["lab_labels"][j])
-        if k == "swapped":
-            match = (a["pred_labels"] != c) & (a["pred_label_probs"] > HIGH_PROBABILITY_THRESHOLD)
-        else:
-            match = ((a["pred_labels"] == c) & (a["pred_label_probs"] > LOW_PROBABILITY_THRESHOLD)
-                     & (a["iou_matrix"][j] > 0))
-        predicted = None
-        if match.any():
-            m = int(np.flatnonzero(match)[np.argmax(a["similarity_matrix"][j][match])])
-            pc = int(a["pred_labels"][m])
-            predicted = {"bbox": _box(a["pred_bboxes"][m]), "class": names[pc], "class_index": pc,
-                         "score": _num(a["pred_label_probs"][m])}
-        out.append({"kind": k, "source": "given", "annotation_id": int(ann_ids[j]),
-                    "bbox": _box(a["lab_bboxes"][j]), "class": names[c], "class_index": c,
-                    "box_score": _num(score), "predicted": predicted})
+    return [_record(a, k, j, scores, ann_ids, names) for _, k, j in chosen]
+
+
+def _record(a: dict[str, Any], kind: str, j: int, scores: dict[str, np.ndarray],
+            ann_ids: np.ndarray, names: list[str],
+            terms: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """One box concerned, JSON-ready.
+
+    overlooked: ``{"kind", "source": "predicted", "bbox", "class", "class_index", "score",
+    "box_score"}``; swapped and badly_located: ``{"kind", "source": "given", "annotation_id",
+    "bbox", "class", "class_index", "box_score", "predicted": {"bbox", "class", "class_index",
+    "score"} or null}`` where ``predicted`` is the prediction the given box was compared with
+    (`_compared_with`). ``box_score`` is cleanlab's per-box subtype score (lower = more likely
+    wrong); ``score`` is the model's own (raw) score, and ``calibrated_score`` is added when the
+    ranking calibrated it. A record named by the box losses also has ``loss_cls``,
+    ``loss_box_reg``, ``p_given``, ``p_background`` (given boxes).
+    """
+    box_score = _num(scores[kind][j]) if j < len(scores[kind]) else None
+    if kind == "overlooked":
+        c = int(a["pred_labels"][j])
+        return {"kind": kind, "source": "predicted", "bbox": _box(a["pred_bboxes"][j]),
+                "class": names[c], "class_index": c, **_scores_of(a, j), "box_score": box_score}
+    c = int(a["lab_labels"][j])
+    m = _compared_with(a, kind, j)
+    predicted = None
+    if m >= 0:
+        pc = int(a["pred_labels"][m])
+        predicted = {"bbox": _box(a["pred_bboxes"][m]), "class": names[pc], "class_index": pc,
+                     **_scores_of(a, m)}
+    out = {"kind": kind, "source": "given", "annotation_id": int(ann_ids[j]),
+           "bbox": _box(a["lab_bboxes"][j]), "class": names[c], "class_index": c,
+           "box_score": box_score, "predicted": predicted}
+    if terms is not None:
+        out.update({t: _num(terms[t][j]) for t in _LOSS_TERMS})
+    return out
+
+
+def _compared_with(a: dict[str, Any], kind: str, j: int) -> int:
+    """The prediction given box j was compared with, or -1: for a swap, the most similar confident
+    prediction of another class (cleanlab's rule), else the best-overlapping one of another class;
+    for a bad location, the most similar same-class prediction scoring > 0.5 that overlaps it
+    (cleanlab's rule), else the best-overlapping one of its class."""
+    from cleanlab.internal.constants import HIGH_PROBABILITY_THRESHOLD, LOW_PROBABILITY_THRESHOLD
+
+    same = a["pred_labels"] == a["lab_labels"][j]
+    overlaps = a["iou_matrix"][j] > 0
+    if kind == "swapped":
+        strict, loose = ~same & (a["pred_label_probs"] > HIGH_PROBABILITY_THRESHOLD), ~same & overlaps
+    else:
+        strict = same & (a["pred_label_probs"] > LOW_PROBABILITY_THRESHOLD) & overlaps
+        loose = same & overlaps
+    if strict.any():
+        return int(np.flatnonzero(strict)[np.argmax(a["similarity_matrix"][j][strict])])
+    if loose.any():
+        return int(np.flatnonzero(loose)[np.argmax(a["iou_matrix"][j][loose])])
+    return -1
+
+
+def _scores_of(a: dict[str, Any], m: int) -> dict[str, float | None]:
+    raw = _raw_probs(a)
+    out = {"score": _num(raw[m])}
+    if raw is not a["pred_label_probs"]:
+        out["calibrated_score"] = _num(a["pred_label_probs"][m])
     return out
 
 
@@ -524,6 +690,54 @@ def _box(b: np.ndarray) -> list[float]:
 def _num(v: float) -> float | None:
     v = float(v)
     return None if math.isnan(v) else round(v, 6)
+
+
+# ---- known errors (the example's answer key) -----------------------------------------------------------
+#: The file a dataset with known, injected label errors keeps beside its annotations
+#: (`kfold_ray._example` writes one): a JSON list of records with at least ``image_id`` and ``kind``.
+INJECTED_ERRORS = "injected_errors.json"
+
+
+def read_injected_errors(location: str | os.PathLike[str]) -> list[dict[str, Any]] | None:
+    """The injected errors listed in ``location`` (the file, or the folder holding
+    `INJECTED_ERRORS`; a path or a URI), or None when there is no such file or it is not a
+    list of records with an ``image_id``."""
+    location = str(location)
+    if not location.endswith(".json"):
+        location = location.rstrip("/") + "/" + INJECTED_ERRORS
+    folder, name = location.rsplit("/", 1)
+    try:
+        storage = Storage(folder or "/", what="dataset folder")
+        if not storage.is_file(name):
+            return None
+        doc = json.loads(storage.read_text(name))
+    except (OSError, ValueError, KfoldRayError):  # no answer key to show: not an error
+        return None
+    if not isinstance(doc, list) or not all(isinstance(e, dict) and "image_id" in e for e in doc):
+        return None
+    return doc
+
+
+def injected_errors_of(dataset: CocoDataset) -> list[dict[str, Any]] | None:
+    """The injected errors recorded beside the dataset's annotations, or None."""
+    return read_injected_errors(str(dataset.annotations_path).rsplit("/", 1)[0])
+
+
+def score_against_injected(table: pa.Table, injected: list[dict[str, Any]]) -> dict[str, Any]:
+    """How well a ranking (worst first) finds known errors: ``n`` images with an error,
+    ``in_top_n`` of them among the n worst, ``precision`` (in_top_n / n), ``auroc`` of the rank
+    (None when every image or none has an error), and ``image_ids`` of the erroneous images."""
+    from sklearn.metrics import roc_auc_score
+
+    bad = {int(e["image_id"]) for e in injected}
+    ids = table.column("image_id").to_pylist()
+    hit = np.array([i in bad for i in ids])
+    n = int(hit.sum())
+    found = int(hit[:n].sum())
+    rank = table.column("rank").to_numpy()
+    auroc = float(roc_auc_score(hit, -rank)) if 0 < n < len(ids) else None
+    return {"n": n, "in_top_n": found, "precision": found / n if n else None, "auroc": auroc,
+            "image_ids": bad}
 
 
 # ---- files -------------------------------------------------------------------------------------------

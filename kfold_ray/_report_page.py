@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._atomic import atomic_path, write_text
-from ._report import ISSUE_KINDS
+from ._report import ISSUE_KINDS, INJECTED_ERRORS, injected_errors_of, score_against_injected
 
 if TYPE_CHECKING:
     from ._report import FinishedRun
@@ -296,6 +296,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 .card img{display:block;max-width:100%;height:auto;image-rendering:pixelated}
 .card p{margin:.3em 0;font-size:.88em}.kind{font-weight:bold;color:#b00020}
 .legend span{display:inline-block;margin-right:1.4em}
+.card.injected{border:3px solid #7b2cbf}.injected-tag{font-weight:bold;color:#7b2cbf}
 .sw{display:inline-block;width:26px;height:0;vertical-align:middle;margin-right:4px}
 """.strip()
 
@@ -321,6 +322,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _page(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[str, Any]]) -> str:
+    injected = injected_errors_of(run.dataset)  # the example's answer key, when the dataset has one
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -329,12 +331,13 @@ def _page(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[s
         f"<style>{_CSS}</style></head><body>",
         f"<h1>Label-issue report: {_e(run.run_dir.name)}</h1>",
         _summary_section(run, rankings),
+        _injected_section(rankings, injected),
         _ap_section(run),
         _quality_section(rankings),
     ]
     if "in_sample" in rankings:
         parts.append(_comparison_section(run, rankings, len(suspects)))
-    parts += [_suspects_section(run, rankings, suspects), "</body></html>"]
+    parts += [_suspects_section(run, rankings, suspects, injected), "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
@@ -355,10 +358,31 @@ def _summary_section(run: FinishedRun, rankings: dict[str, pa.Table]) -> str:
     ]
     oof = rankings["out_of_fold"]
     flagged = int(np.sum(oof.column("is_issue").to_numpy(zero_copy_only=False)))
+    by_signal = oof.column("combined_score").null_count < oof.num_rows
+    order = ("the combined loss / unmatched-prediction score (<code>combined_score</code>)"
+             if by_signal else "cleanlab's label quality score")
     return ("<h2>Run</h2>" + _table([], rows)
             + f"<p>cleanlab flags <b>{flagged}</b> of {oof.num_rows} images as likely mislabelled "
-              "(out-of-fold predictions, scored once over the whole dataset). Full ranking: "
+              "(out-of-fold predictions, scored once over the whole dataset). Images are ranked by "
+              f"{order}. Full ranking: "
               "<code>label_issues.csv</code> / <code>label_issues.parquet</code> in the run dir.</p>")
+
+
+def _injected_section(rankings: dict[str, pa.Table], injected: list[dict[str, Any]] | None) -> str:
+    """How many of the dataset's known (injected) errors the ranking finds; "" without any."""
+    if not injected:
+        return ""
+    oof = score_against_injected(rankings["out_of_fold"], injected)
+    rows = [("out-of-fold", oof["in_top_n"], oof["precision"], oof["auroc"])]
+    if "in_sample" in rankings:
+        ins = score_against_injected(rankings["in_sample"], injected)
+        rows.append(("in-sample", ins["in_top_n"], ins["precision"], ins["auroc"]))
+    n = oof["n"]
+    rows = [(name, f"{found} of {n}", _fmt(p), "n/a" if a is None else _fmt(a)) for name, found, p, a in rows]
+    return (f"<h2>Known label errors</h2><p>The dataset lists {n} images with an injected label "
+            f"error (<code>{_e(INJECTED_ERRORS)}</code> beside its annotations); their cards below "
+            "are framed and tagged <span class=\"injected-tag\">injected error</span>.</p>"
+            + _table(["ranking", f"in the top {n}", f"precision@{n}", "AUROC"], rows))
 
 
 def _ap_section(run: FinishedRun) -> str:
@@ -405,7 +429,8 @@ def _comparison_section(run: FinishedRun, rankings: dict[str, pa.Table], top: in
             + f"<p>{shared} of the top {n} suspects are the same in both rankings.</p>")
 
 
-def _suspects_section(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[str, Any]]) -> str:
+def _suspects_section(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[str, Any]],
+                      injected: list[dict[str, Any]] | None = None) -> str:
     in_rank = {}
     if "in_sample" in rankings:
         ins = rankings["in_sample"]
@@ -416,14 +441,18 @@ def _suspects_section(run: FinishedRun, rankings: dict[str, pa.Table], suspects:
               f'<span><i class="sw" style="border-top:3px dashed rgb{PREDICTED}"></i>'
               f"predicted box (out-of-fold, score &ge; {PRED_MIN_SCORE})</span>"
               f'<span><i class="sw" style="border-top:4px solid rgb{CONCERNED}"></i>box concerned</span></p>')
-    cards = [_card(run, s, in_rank.get(s["image_index"])) for s in suspects]
+    known: dict[int, list[dict[str, Any]]] = {}
+    for e in injected or []:
+        known.setdefault(int(e["image_id"]), []).append(e)
+    cards = [_card(run, s, in_rank.get(s["image_index"]), known.get(int(s["image_id"]))) for s in suspects]
     return (f"<h2>Top {len(suspects)} suspects</h2>" + legend
             + '<div class="cards">' + "".join(cards) + "</div>")
 
 
-def _card(run: FinishedRun, s: dict[str, Any], in_sample: tuple[int, float] | None) -> str:
+def _card(run: FinishedRun, s: dict[str, Any], in_sample: tuple[int, float] | None,
+          injected: list[dict[str, Any]] | None = None) -> str:
     name = f"suspects/rank_{s['rank']:04d}.png"
-    lines = [
+    lines = [_injected_line(e) for e in injected or []] + [
         f"<p><b>#{s['rank']}</b> · image id {_e(s['image_id'])} · fold {_e(s['fold'])} · "
         f"<code>{_e(s['file_name'])}</code></p>",
         f"<p>quality {_e(_fmt(s['quality_score'], 4))} · flagged: {'yes' if s['is_issue'] else 'no'} · "
@@ -431,12 +460,24 @@ def _card(run: FinishedRun, s: dict[str, Any], in_sample: tuple[int, float] | No
         f"<p>subtype scores: overlooked {_e(_fmt(s['overlooked_score']))}, swapped "
         f"{_e(_fmt(s['swap_score']))}, badly located {_e(_fmt(s['badloc_score']))}</p>",
     ]
+    if s.get("combined_score") is not None:
+        lines.append(f"<p>signals: box loss {_e(_fmt(s['loss_score']))}, unmatched prediction "
+                     f"{_e(_fmt(s['unmatched_score']))}, combined {_e(_fmt(s['combined_score']))}</p>")
     if in_sample is not None:
         lines.append(f"<p>in-sample: rank {_e(in_sample[0])}, quality {_e(_fmt(in_sample[1], 4))}</p>")
     for b in json.loads(s["boxes"]):
         lines.append(f"<p>{_e(_describe(b))}</p>")
     alt = f"image {s['image_id']} with given and predicted boxes"
-    return (f'<div class="card"><img src="{name}" alt="{_e(alt)}">' + "".join(lines) + "</div>")
+    frame = "card injected" if injected else "card"
+    return (f'<div class="{frame}"><img src="{name}" alt="{_e(alt)}">' + "".join(lines) + "</div>")
+
+
+def _injected_line(e: dict[str, Any]) -> str:
+    """A known error of the image, as the dataset's answer key records it."""
+    what = {"missing": "a box was removed (an overlooked object)", "swapped": "the class was swapped",
+            "shifted": "the box was shifted"}.get(str(e.get("kind")), str(e.get("kind", "?")))
+    ann = f" (annotation {e['annotation_id']})" if e.get("annotation_id") is not None else ""
+    return f'<p><span class="injected-tag">injected error</span>: {_e(what)}{_e(ann)}</p>'
 
 
 def _describe(b: dict[str, Any]) -> str:

@@ -261,6 +261,7 @@ def test_cli_report_writes_ranking_and_page(finished, capsys):
     assert "&lt;b&gt;cat&lt;/b&gt;" in page or "dog &amp; co" in page
     assert "<b>cat</b>" not in page and "say \"hi\"" not in page
     assert "Out-of-fold vs in-sample" in page
+    assert "Known label errors" not in page and 'class="card injected"' not in page  # no answer key
     assert "http://" not in page and "https://" not in page
     # A smaller --top removes the overlays it no longer shows.
     assert main(["report", str(result.run_dir), "--top", "2"]) == 0
@@ -400,3 +401,69 @@ def test_loss_and_unmatched_signals_point_at_the_two_bad_images(tmp_path):
     assert table.combined_score.between(0, 1).all()
     without = rank_label_issues(ds, pa.Table.from_batches([batch])).to_pandas()
     assert without.loss_score.isna().all() and without.combined_score.isna().all()
+
+
+def test_issue_kinds_come_from_the_per_box_signals(tmp_path):
+    from kfold_ray._schema import BOX_LOSS_SCHEMA
+
+    ann, images = make_coco(tmp_path, n_images=8, categories=3, boxes_per_image=(1, 1), seed=2)
+    ds = load_coco(ann, images)
+    # Image 5: a confident prediction on empty ground (a missing label). Image 2: the fold model
+    # sees another digit in the given box (swap); image 3: mostly background in it (shifted);
+    # image 6: another class predicted right on the given box, though the model's box-head
+    # probabilities alone would say background. The rest: the model agrees with the labels.
+    far = ds.boxes[6].copy()
+    batch = make_prediction_batch(
+        fold=0, image_indices=np.arange(8), det_image_index=np.array([5, 6]),
+        boxes=np.array([[0, 0, 5, 5], far]), scores=np.array([0.9, 0.8]),
+        classes=np.array([0, (ds.classes[6] + 1) % 3]), image_ids=ds.image_ids,
+        category_ids=ds.category_ids)
+    rows = np.arange(8)
+    p_given = np.where(np.isin(rows, [2, 3, 6]), 0.05, 0.9)
+    p_background = np.select([rows == 2, rows == 3, rows == 6], [0.1, 0.85, 0.6], 0.05)
+    loss_cls = -np.log(p_given)
+    losses = pa.table({"image_index": rows, "ann_row": rows, "loss_cls": loss_cls.astype(np.float32),
+                       "loss_box_reg": np.where(rows == 3, 0.9, 0.1).astype(np.float32),
+                       "p_given": p_given.astype(np.float32),
+                       "p_background": p_background.astype(np.float32)}, schema=BOX_LOSS_SCHEMA)
+    table = rank_label_issues(ds, pa.Table.from_batches([batch]), box_losses=losses)
+    by_image = table.to_pandas().set_index("image_index")
+    assert by_image.issue_kind.to_dict() == {0: "", 1: "", 2: "swapped", 3: "badly_located", 4: "",
+                                             5: "overlooked", 6: "swapped", 7: ""}
+    first = {i: json.loads(by_image.loc[i, "boxes"])[0] for i in (2, 3, 5, 6)}
+    assert first[5]["source"] == "predicted" and first[5]["bbox"] == [0, 0, 5, 5]
+    for i in (2, 3, 6):
+        assert first[i]["source"] == "given"
+        assert first[i]["annotation_id"] == int(ds.ann_ids[i])
+        assert first[i]["p_given"] == pytest.approx(0.05)
+    assert first[6]["predicted"]["class_index"] == (ds.classes[6] + 1) % 3
+    assert first[3]["loss_box_reg"] == pytest.approx(0.9)
+
+
+def test_page_and_cli_mark_the_injected_errors(finished, tmp_path, capsys):
+    result, injected = finished
+    old_data = Path(result.dataset.annotations_path).parent
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(old_data, data)
+    shutil.copytree(result.run_dir, run_dir, ignore=shutil.ignore_patterns("report"))
+    config = json.loads((run_dir / "config.json").read_text())
+    image_root = data / Path(result.dataset.image_root).relative_to(old_data)
+    (run_dir / "config.json").write_text(json.dumps(
+        {**config, "annotations": str(data / "given.json"), "image_root": str(image_root)}))
+    # The answer key, as the example writes it: the three injected errors, and one more image that
+    # the ranking does not put first (a "missing" box nobody can see: nothing was removed).
+    kinds = {"swapped": "swapped", "overlooked": "missing", "badly_located": "shifted"}
+    records = [{"image_id": v["image_id"], "kind": kinds[k], "annotation_id": v.get("annotation_id")}
+               for k, v in injected.items()]
+    table = result.label_issues()
+    last = table.slice(table.num_rows - 1).to_pylist()[0]
+    records.append({"image_id": last["image_id"], "kind": "missing", "annotation_id": None})
+    (data / "injected_errors.json").write_text(json.dumps(records))
+    assert main(["report", str(run_dir), "--top", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "the 4 injected errors, 3 of them in the top 4 (precision 0.75)" in out
+    page = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
+    assert "Known label errors" in page and "3 of 4" in page
+    assert page.count('class="card injected"') == 3  # the three in the top 6; the last is not shown
+    assert page.count("injected error</span>: the class was swapped") == 1
+    assert page.count("injected error</span>: a box was removed") == 1

@@ -1,4 +1,6 @@
-"""The fold actor: one Ray actor process per fold, which trains and streams its predictions.
+"""The fold actor: one Ray actor process per fold, which trains and streams its predictions
+(or, for a fold trained by several workers, runs their Ray Train group and forwards their
+events: `kfold_ray._workers`).
 
 One fold per process because Detectron2 trainers do not give GPU memory back within a process
 (detectron2 #4007, ray #11608): the driver kills the actor when its fold is done. This module is
@@ -46,7 +48,13 @@ class FoldActor:
 
     def run(self, task: FoldTask, dataset: CocoDataset) -> Iterator[FoldEvent]:
         fold_metrics = _FoldMetrics(task.run_name, task.fold)
-        for event in self.backend.run_fold(task, dataset):
+        if task.workers > 1:
+            from ._workers import run_on_workers
+
+            events = run_on_workers(self.backend, task, dataset)
+        else:
+            events = self.backend.run_fold(task, dataset)
+        for event in events:
             if isinstance(event, Progress):
                 fold_metrics.record(event)
             yield event

@@ -124,6 +124,7 @@ def run_cv(
     overrides: Sequence[str] | None = None,
     gpus_per_fold: float = 1.0,
     cpus_per_fold: float | None = None,
+    workers_per_fold: int | None = None,
     split: str | Any = "kfold",
     groups: Mapping[int, Hashable] | Sequence[Hashable] | str | None = None,
     seed: int = 0,
@@ -152,7 +153,10 @@ def run_cv(
         gpus_per_fold: GPUs per fold actor; fractional packs folds on one GPU. On a local
             cluster without GPUs, folds train on CPU.
         cpus_per_fold: CPUs per fold actor (its data-loading workers); default: its share of
-            its node's CPUs per GPU, 1 without GPUs.
+            its node's CPUs per GPU, 1 per worker without GPUs.
+        workers_per_fold: processes that train each fold data-parallel through Ray Train (DDP;
+            gloo on CPU); ``SOLVER.IMS_PER_BATCH`` is their total batch. Default: the whole
+            number of GPUs per fold (one GPU per worker), else 1.
         split: ``kfold``, ``group``, ``stratified`` or a scikit-learn splitter object.
         groups: for ``group``: image id -> group mapping, a sequence aligned to the images, or
             the name of an image field of the json.
@@ -181,6 +185,7 @@ def run_cv(
     config = CVConfig(
         k=k, split=split if isinstance(split, str) else f"custom:{type(split).__name__}",
         seed=seed, gpus_per_fold=gpus_per_fold, cpus_per_fold=cpus_per_fold,
+        workers_per_fold=workers_per_fold,
         train=TrainConfig(model=model, overrides=tuple(overrides or ()), amp=amp),
         predict=PredictConfig(batch_size=batch_size, score_threshold=score_threshold, amp=amp),
         failure=FailureConfig(max_retries=max_retries, checkpoint_period=checkpoint_period,
@@ -191,7 +196,7 @@ def run_cv(
         from .detectron2 import Detectron2Backend
 
         backend = Detectron2Backend()
-    backend.validate(config.train, dataset)
+    backend.validate(config.train, dataset, workers=config.workers)
     fetch = getattr(backend, "fetch_weights", None)
     weights_file = fetch(config.train) if fetch is not None else None
     describe = getattr(backend, "describe", None)
@@ -235,6 +240,7 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
     metrics = coco_metrics(dataset, table, plan.fold_of_image, plan.k)
     metrics["folds_run"] = {str(f): v for f, v in sorted(fold_info.items())}
     metrics["launch"] = {"gpus_per_fold": launch.num_gpus, "cpus_per_fold": launch.num_cpus,
+                         "workers_per_fold": launch.workers,
                          "cluster": info.describe()}
     if in_sample:
         metrics["in_sample"] = _run_in_sample(dataset, storage.child(_rundir.IN_SAMPLE),

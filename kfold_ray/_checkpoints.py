@@ -7,6 +7,9 @@ order, so storage never names a checkpoint it does not hold), and the log. A ret
 first pulls the latest checkpoint and the log from storage, so Detectron2 resumes from it and the
 log goes on where it stopped. Only the newest ``keep`` checkpoints are kept, here and there.
 
+In a fold trained by several workers every rank pulls (each loads the checkpoint itself) and
+rank 0 alone writes: Detectron2 saves checkpoints on rank 0 only, and one log is the fold's.
+
 The layout is Detectron2's own (``last_checkpoint`` holds the file name of the latest
 ``model_*.pth``), so a fold folder copied out of storage works with Detectron2's tools as is.
 """
@@ -26,12 +29,14 @@ _MODEL_RE = re.compile(r"^model_(\d+|final)\.pth$")
 class CheckpointSync:
     """Mirror a fold's local Detectron2 ``OUTPUT_DIR`` into its folder in the run's storage."""
 
-    def __init__(self, storage: Storage, local_dir: str | Path, *, keep: int = 2) -> None:
+    def __init__(self, storage: Storage, local_dir: str | Path, *, keep: int = 2,
+                 writer: bool = True) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.storage = storage
         self.local_dir = Path(local_dir)
         self.keep = keep
+        self.writer = writer  # False: pull only (a fold's ranks other than 0)
         self._pushed: str | None = None
 
     def pull(self) -> str | None:
@@ -56,7 +61,7 @@ class CheckpointSync:
     def push(self) -> bool:
         """Upload the newest local checkpoint if it is new; prune old ones. True if uploaded."""
         name = self.latest_local()
-        if not name or name == self._pushed or not (self.local_dir / name).is_file():
+        if not self.writer or not name or name == self._pushed or not (self.local_dir / name).is_file():
             return False
         self.storage.put_file(self.local_dir / name, name)
         self.storage.write_text(LAST, name)
@@ -67,7 +72,7 @@ class CheckpointSync:
 
     def push_log(self) -> None:
         log = self.local_dir / LOG
-        if log.is_file():
+        if self.writer and log.is_file():
             self.storage.put_file(log, LOG)
 
     def _prune(self) -> None:

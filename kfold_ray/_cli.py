@@ -82,7 +82,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="Detectron2 config overrides, e.g. --opts SOLVER.MAX_ITER 2000")
     p.add_argument("--gpus-per-fold", type=float, default=1.0)
     p.add_argument("--cpus-per-fold", type=float, default=None,
-                   help="CPUs per fold (default: its share of its node's CPUs per GPU; 1 without GPUs)")
+                   help="CPUs per fold (default: its share of its node's CPUs per GPU; 1 per worker without GPUs)")
+    p.add_argument("--workers-per-fold", type=int, default=None,
+                   help="processes that train each fold data-parallel (Ray Train DDP; gloo on CPU); "
+                        "SOLVER.IMS_PER_BATCH is their total batch (default: the fold's whole GPUs, else 1)")
     p.add_argument("--split", default="kfold", choices=SPLITS)
     p.add_argument("--group-field", default=None, help="image field holding the group (split=group)")
     p.add_argument("--seed", type=int, default=0)
@@ -150,7 +153,8 @@ def _run(args) -> int:
         return EXIT_BAD_INPUT
     result = run_cv(
         args.annotations, args.k, image_root=args.images, model=args.model, overrides=args.opts,
-        gpus_per_fold=args.gpus_per_fold, cpus_per_fold=args.cpus_per_fold, split=args.split,
+        gpus_per_fold=args.gpus_per_fold, cpus_per_fold=args.cpus_per_fold,
+        workers_per_fold=args.workers_per_fold, split=args.split,
         groups=args.group_field, seed=args.seed, run_dir=args.run_dir,
         score_threshold=args.score_threshold, batch_size=args.batch_size, amp=args.amp,
         max_retries=args.max_retries, checkpoint_period=args.checkpoint_period,

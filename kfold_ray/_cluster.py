@@ -27,10 +27,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class FoldLaunch:
-    """How fold actors are placed on the cluster."""
+    """How folds are placed on the cluster: each takes ``num_gpus`` and ``num_cpus`` in all,
+    split evenly over its ``workers`` processes (one fold actor when 1; Ray Train workers else)."""
 
     num_gpus: float
     num_cpus: float
+    workers: int = 1
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return self.num_gpus / self.workers
+
+    @property
+    def cpus_per_worker(self) -> float:
+        return self.num_cpus / self.workers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,11 +151,12 @@ def _describe(started_here: bool) -> ClusterInfo:
 
 
 def plan_launch(info: ClusterInfo, config: CVConfig, *, folds: int) -> tuple[FoldLaunch, list[str]]:
-    """The fold actors' resources, and the lines that tell the user how folds map onto the cluster.
+    """The folds' resources, and the lines that tell the user how folds map onto the cluster.
 
     GPUs: ``gpus_per_fold``, except on a local cluster started here without GPUs, where folds
     train on CPU rather than wait forever. CPUs: ``cpus_per_fold``, or by default the fold's share
-    of its node's CPUs per GPU (48 CPUs / 4 GPUs -> 12 for a one-GPU fold), 1 without GPUs.
+    of its node's CPUs per GPU (48 CPUs / 4 GPUs -> 12 for a one-GPU fold), 1 per worker without
+    GPUs. Workers: ``workers_per_fold`` (default: the whole GPUs of a fold, else 1).
     """
     lines = [info.describe()]
     gpus = config.gpus_per_fold
@@ -156,14 +167,23 @@ def plan_launch(info: ClusterInfo, config: CVConfig, *, folds: int) -> tuple[Fol
         else:
             lines.append("warning: the Ray cluster has no GPU now: folds wait for GPU workers "
                          "(autoscaler); pass --gpus-per-fold 0 on a CPU-only cluster")
+    workers = config.workers
     cpus = config.cpus_per_fold
     if cpus is None:
-        cpus = max(1.0, math.floor(info.cpus_per_gpu * gpus)) if gpus and info.cpus_per_gpu else 1.0
-    lines.append(_waves(folds, gpus, cpus, info))
-    return FoldLaunch(num_gpus=gpus, num_cpus=cpus), lines
+        cpus = (max(1.0, math.floor(info.cpus_per_gpu * gpus)) if gpus and info.cpus_per_gpu
+                else 1.0) * (1 if gpus else workers)
+    if cpus < workers:
+        raise ConfigError(f"cpus_per_fold {cpus:g} for {workers} workers per fold: each worker "
+                          "needs at least one CPU")
+    launch = FoldLaunch(num_gpus=gpus, num_cpus=cpus, workers=workers)
+    lines.extend(_waves(folds, launch, info))
+    return launch, lines
 
 
-def _waves(folds: int, gpus: float, cpus: float, info: ClusterInfo) -> str:
+def _waves(folds: int, launch: FoldLaunch, info: ClusterInfo) -> list[str]:
+    """'5 folds x 2 GPUs + 24 CPUs each (2 workers) on 8 GPUs: 2 waves', and a warning when a
+    wave leaves GPUs idle (a fold's GPUs do not divide the cluster's, or the last wave is short)."""
+    gpus, cpus = launch.num_gpus, launch.num_cpus
     if gpus:
         fit = int(info.gpus // gpus + 1e-9)
         unit = f"{gpus:g} GPU{'s' * (gpus != 1)} + {cpus:g} CPUs"
@@ -171,11 +191,19 @@ def _waves(folds: int, gpus: float, cpus: float, info: ClusterInfo) -> str:
     else:
         fit = int(info.cpus // cpus + 1e-9)
         unit, total = f"{cpus:g} CPU{'s' * (cpus != 1)}", f"{info.cpus:g} CPUs"
+    each = f"each ({launch.workers} workers)" if launch.workers > 1 else "each"
     if fit < 1:
-        return f"{folds} folds x {unit} each; the cluster has {total} now: folds wait for more nodes"
+        return [f"{folds} folds x {unit} {each}; the cluster has {total} now: folds wait for more nodes"]
     waves = math.ceil(folds / fit)
-    line = f"{folds} folds x {unit} each on {total}: {waves} wave{'s' * (waves != 1)}"
-    idle = fit * waves - folds
-    if gpus and waves > 1 and idle and folds % fit:
-        line += f" (the last wave leaves room for {idle} more fold{'s' * (idle != 1)} idle)"
-    return line
+    lines = [f"{folds} folds x {unit} {each} on {total}: {waves} wave{'s' * (waves != 1)}"]
+    if gpus:
+        busy = min(fit, folds) * gpus
+        if info.gpus - busy >= 1 - 1e-9:
+            lines.append(f"warning: {info.gpus - busy:g} of {info.gpus:g} GPUs stay idle while the "
+                         f"{'first wave runs' if waves > 1 else 'folds run'}")
+        last = folds - fit * (waves - 1)
+        if waves > 1 and last < fit:
+            idle = info.gpus - last * gpus
+            lines.append(f"warning: the last wave runs {last} fold{'s' * (last != 1)}: "
+                         f"{idle:g} of {info.gpus:g} GPUs idle then")
+    return lines

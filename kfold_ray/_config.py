@@ -114,6 +114,11 @@ class CVConfig:
             (``DATALOADER.NUM_WORKERS`` = CPUs - 1 unless the user set it). None (default): the
             fold's share of its node's CPUs per GPU (48 CPUs / 4 GPUs -> 12 for one GPU), 1
             without GPUs.
+        workers_per_fold: processes that train one fold data-parallel (DDP through Ray Train:
+            NCCL on GPUs, gloo on CPUs); each gets an equal share of the fold's GPUs and CPUs and
+            of ``SOLVER.IMS_PER_BATCH`` (the total batch, as in Detectron2's own multi-GPU
+            training), and afterwards predicts a share of the held-out images. None (default):
+            the whole number of GPUs per fold, else 1. With GPUs, one GPU per worker.
     """
 
     k: int = 5
@@ -121,6 +126,7 @@ class CVConfig:
     seed: int = 0
     gpus_per_fold: float = 1.0
     cpus_per_fold: float | None = None
+    workers_per_fold: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
@@ -135,6 +141,23 @@ class CVConfig:
         _require(self.cpus_per_fold is None
                  or (isinstance(self.cpus_per_fold, (int, float)) and self.cpus_per_fold > 0),
                  f"cpus_per_fold must be > 0 (or None: automatic), got {self.cpus_per_fold!r}")
+        _require(self.workers_per_fold is None
+                 or (isinstance(self.workers_per_fold, int) and not isinstance(self.workers_per_fold, bool)
+                     and self.workers_per_fold >= 1),
+                 f"workers_per_fold must be an integer >= 1 (or None: automatic), got {self.workers_per_fold!r}")
+        # DDP runs one process per device: a worker with two GPUs would use one of them, and two
+        # workers on one GPU cannot form an NCCL group.
+        _require(self.workers == 1 or not self.gpus_per_fold or self.gpus_per_fold == self.workers,
+                 f"workers_per_fold {self.workers} with gpus_per_fold {self.gpus_per_fold:g}: a fold "
+                 "trained by several workers takes one whole GPU per worker (set them equal, or "
+                 "workers_per_fold 1 to pack fractional GPUs)")
+
+    @property
+    def workers(self) -> int:
+        """Processes that train each fold (``workers_per_fold`` resolved)."""
+        if self.workers_per_fold is not None:
+            return self.workers_per_fold
+        return int(self.gpus_per_fold) if self.gpus_per_fold >= 1 else 1
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

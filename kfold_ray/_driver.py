@@ -1,6 +1,7 @@
 """The driver: one fold actor per fold, their prediction streams consumed as batches arrive.
 
-Each fold is a Ray actor reserving ``gpus_per_fold`` GPUs; its `run` method is a streaming
+Each fold is a Ray actor reserving ``gpus_per_fold`` GPUs (a fold trained by several workers
+reserves them through its Ray Train workers instead); its `run` method is a streaming
 generator. The driver waits on all fold streams at once (``ray.wait`` over the generators), hands
 every prediction batch to the reducer the moment it arrives (it is persisted in the run dir
 before anything else happens), and shows progress. A fold whose actor dies (process crash, node
@@ -25,7 +26,7 @@ from ray.exceptions import RayError, RayTaskError
 
 from . import _rundir
 from ._actor import RemoteFoldActor
-from ._backend import DiscardParts, FoldBackend, FoldTask, Progress
+from ._backend import DiscardParts, FoldBackend, FoldTask, Progress, Trained
 from ._cluster import FoldLaunch
 from ._config import CVConfig
 from ._dataset import CocoDataset
@@ -56,6 +57,18 @@ class _Fold:
     started: float = field(default_factory=time.monotonic)
     errors: list[str] = field(default_factory=list)
     relaunch_at: float = 0.0
+    trained: dict[int, Trained] = field(default_factory=dict)  # by rank, this attempt
+
+    def info(self) -> dict[str, Any]:
+        """What metrics.json records of the fold: attempts, seconds, errors, who trained it."""
+        seconds = round(time.monotonic() - self.started, 1)
+        info: dict[str, Any] = {"attempts": self.attempt + 1, "seconds": seconds,
+                                "errors": self.errors}
+        if self.trained:
+            ranks = [self.trained[r] for r in sorted(self.trained)]
+            info.update(workers=ranks[0].world_size, nodes=[t.node for t in ranks],
+                        weights=[t.weights for t in ranks])
+        return info
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,11 +139,9 @@ def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
         missing = np.setdiff1d(state.holdout, reducer.covered_images(state.fold))
         if missing.size:  # a stream that ended early: never DONE, retried like a crash
             return _on_failure(state, StreamEndedEarly(state.fold, missing), board, config)
-        seconds = time.monotonic() - state.started
-        info[state.fold] = {"attempts": state.attempt + 1, "seconds": round(seconds, 1),
-                            "errors": state.errors}
+        info[state.fold] = state.info()
         reducer.mark_fold_done(state.fold, info[state.fold])
-        board.note(state.fold, f"done in {seconds:.0f}s")
+        board.note(state.fold, f"done in {info[state.fold]['seconds']:.0f}s")
         _kill(state)  # frees the fold's GPU memory with its process
         return None
     except RayError as e:
@@ -139,6 +150,11 @@ def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
         board.update(event)
     elif isinstance(event, pa.RecordBatch):
         reducer.add(event)
+    elif isinstance(event, Trained):
+        state.trained[event.rank] = event
+        if len({t.weights for t in state.trained.values()}) > 1:
+            log.warning("fold %d: its workers hold different weights after training (%s)",
+                        state.fold, {r: t.weights for r, t in sorted(state.trained.items())})
     elif isinstance(event, DiscardParts):
         reducer.discard_fold(state.fold)
         board.note(state.fold, "trained again: its earlier predictions are discarded")
@@ -166,6 +182,7 @@ def _on_failure(state: _Fold, error: Exception, board: ProgressBoard, config: CV
         log.error("fold %d failed for good: %s", state.fold, cause)
         return _FAILED
     state.attempt += 1
+    state.trained.clear()
     state.relaunch_at = time.monotonic() + (NODE_LOSS_RELAUNCH_DELAY_S if _node_lost(error) else 0.0)
     board.note(state.fold, f"failed ({cause}); retry {state.attempt}/{config.failure.max_retries}")
     log.warning("fold %d failed (%s); retrying from its last checkpoint", state.fold, cause)
@@ -212,14 +229,19 @@ def _launch(state: _Fold, dataset_ref, plan: FoldPlan, job: FoldJob, backend: Fo
         train=config.train,
         predict=config.predict,
         checkpoint_period=config.failure.checkpoint_period,
-        num_cpus=job.launch.num_cpus,
+        num_cpus=job.launch.cpus_per_worker,
+        num_gpus=job.launch.gpus_per_worker,
+        workers=job.launch.workers,
         weights=job.weights,
         keep_checkpoints=config.failure.keep_checkpoints,
     )
+    # A fold of several workers reserves its GPUs and CPUs through Ray Train's placement group;
+    # its actor only forwards their events.
+    alone = job.launch.workers == 1
     state.actor = RemoteFoldActor.options(
         name=f"kfold-ray:{job.run_name}:fold{fold}:try{state.attempt}",
-        num_gpus=job.launch.num_gpus,
-        num_cpus=job.launch.num_cpus,
+        num_gpus=job.launch.num_gpus if alone else 0,
+        num_cpus=job.launch.num_cpus if alone else 0,
         max_restarts=0,  # the driver restarts folds itself, with resume information
     ).remote(backend)
     state.started = time.monotonic()

@@ -51,7 +51,7 @@ class EchoBackend:
     new_model_each_attempt: bool = False
     skip_image_of_fold: int | None = None
 
-    def validate(self, train: TrainConfig, dataset: CocoDataset) -> None:
+    def validate(self, train: TrainConfig, dataset: CocoDataset, *, workers: int = 1) -> None:
         return None
 
     def run_fold(self, task: FoldTask, dataset: CocoDataset) -> Iterator[FoldEvent]:

@@ -15,16 +15,17 @@ from typing import Iterator
 
 import numpy as np
 
-from .._backend import DiscardParts, FoldEvent, FoldTask
+from .._backend import DiscardParts, FoldEvent, FoldTask, Trained, worker_share
 from .._checkpoints import CheckpointSync
 from .._config import TrainConfig
 from .._dataset import CocoDataset
-from .._exceptions import ConfigError, DatasetError, FoldOutOfMemoryError
+from .._exceptions import ConfigError, DatasetError, FoldOutOfMemoryError, one_line
 from .._storage import Storage
 from ._config import build_cfg, import_detectron2
-from .._exceptions import one_line
-from ._data import check_images_readable, image_error, register_split
-from ._predict import predict_halving_on_oom
+from ._data import check_images_readable, image_error, node_name, register_split
+from ._distributed import (buffers_from_rank0, from_rank0, join_local_group, synchronize,
+                           weights_digest)
+from ._predict import by_size, predict_halving_on_oom
 from ._train import fold_log, log_to_file, model_id, train
 from ._weights import fetch_weights_file, local_weights
 
@@ -33,8 +34,14 @@ class Detectron2Backend:
     """Detectron2 fold backend. Stateless: safe to pickle into every fold actor."""
 
     # ---- configuration ----------------------------------------------------------------------
-    def validate(self, train: TrainConfig, dataset: CocoDataset) -> None:
+    def validate(self, train: TrainConfig, dataset: CocoDataset, *, workers: int = 1) -> None:
         cfg = self.build_cfg(train, num_classes=dataset.num_classes, device="cpu")
+        if cfg.SOLVER.IMS_PER_BATCH % workers:
+            # Detectron2's loader splits the total batch evenly over the processes, or refuses.
+            raise ConfigError(
+                f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is the total batch of a fold's "
+                f"{workers} workers and must divide evenly among them: set it to a multiple of "
+                f"{workers} (--opts SOLVER.IMS_PER_BATCH {workers * max(1, cfg.SOLVER.IMS_PER_BATCH // workers)})")
         if cfg.MODEL.MASK_ON:
             problem = dataset.segmentation_problem()
             if problem:
@@ -73,11 +80,19 @@ class Detectron2Backend:
 
     # ---- one fold ---------------------------------------------------------------------------
     def run_fold(self, task: FoldTask, dataset: CocoDataset) -> Iterator[FoldEvent]:
-        """Train in node-local scratch, checkpoints mirrored to the run's storage; then predict."""
+        """Train in node-local scratch, checkpoints mirrored to the run's storage; then predict.
+
+        In a fold of several workers every rank pulls the latest checkpoint and trains (DDP),
+        rank 0 alone writes checkpoints and the log to storage, and each rank predicts its share.
+        """
         import_detectron2()
-        scratch = Path(tempfile.mkdtemp(prefix=f"kfold-ray-{task.run_name}-fold{task.fold}-"))
-        sync = CheckpointSync(Storage(task.work_dir), scratch, keep=task.keep_checkpoints)
+        rank = task.worker.rank if task.worker else 0
+        scratch = Path(tempfile.mkdtemp(prefix=f"kfold-ray-{task.run_name}-fold{task.fold}-r{rank}-"))
+        sync = CheckpointSync(Storage(task.work_dir), scratch, keep=task.keep_checkpoints,
+                              writer=rank == 0)
         try:
+            if task.worker is not None:
+                join_local_group(task.worker)
             yield from self._run_fold(task, dataset, scratch, sync)
         finally:
             sync.push_log()
@@ -102,22 +117,52 @@ class Detectron2Backend:
         )
         register_split(train_name, dataset, task.train_indices, masks=bool(cfg.MODEL.MASK_ON))
         fold_log(task, resumed, sync)
-        try:
-            model = yield from train(cfg, task.fold, sync)
-        except torch.cuda.OutOfMemoryError:
-            raise FoldOutOfMemoryError(
-                task.fold, "training", cfg.SOLVER.IMS_PER_BATCH,
-                "lower SOLVER.IMS_PER_BATCH (--opts) or the input size (INPUT.MAX_SIZE_TRAIN), or "
-                "raise --gpus-per-fold so fewer folds share a GPU (fractional GPUs share memory)",
-            ) from None
-        except FileNotFoundError as e:
-            raise image_error(e) from None
-        made_by = model_id(scratch, sync)
-        if task.predicted_with and task.predicted_with != made_by:
-            # Trained again (its final checkpoint was lost): one fold, one model.
-            yield DiscardParts(task.fold, made_by)
-            task = dataclasses.replace(task, predict_indices=np.asarray(task.holdout_indices))
+        model = yield from _train(cfg, task, sync)
+        made_by = yield from _one_model(model, task, scratch, sync)
+        task = yield from _what_to_predict(task, dataset, made_by)
         try:
             yield from predict_halving_on_oom(model, cfg, task, dataset, device, model_id=made_by)
         except FileNotFoundError as e:
             raise image_error(e) from None
+
+
+def _train(cfg, task: FoldTask, sync: CheckpointSync):
+    """The fold's training, its errors turned into what the driver knows not to retry."""
+    import torch
+
+    try:
+        return (yield from train(cfg, task.fold, sync))
+    except torch.cuda.OutOfMemoryError:
+        raise FoldOutOfMemoryError(
+            task.fold, "training", cfg.SOLVER.IMS_PER_BATCH,
+            "lower SOLVER.IMS_PER_BATCH (--opts) or the input size (INPUT.MAX_SIZE_TRAIN), or "
+            "raise --gpus-per-fold so fewer folds share a GPU (fractional GPUs share memory)",
+        ) from None
+    except FileNotFoundError as e:
+        raise image_error(e) from None
+
+
+def _one_model(model, task: FoldTask, scratch: Path, sync: CheckpointSync):
+    """Every rank holds the model of the fold's final checkpoint; yield `Trained`, return its id."""
+    worker = task.worker
+    if worker is not None:
+        buffers_from_rank0(model)
+    yield Trained(task.fold, worker.rank if worker else 0, worker.world_size if worker else 1,
+                  node_name(), weights_digest(model))
+    made_by = model_id(scratch, sync)
+    return from_rank0(made_by) if worker is not None else made_by  # rank 0 wrote the checkpoint
+
+
+def _what_to_predict(task: FoldTask, dataset: CocoDataset, made_by: str):
+    """The task with the held-out images this process predicts: all of them again after
+    `DiscardParts` (the fold was trained again: one fold, one model), this worker's share."""
+    worker = task.worker
+    if task.predicted_with and task.predicted_with != made_by:
+        if worker is None or worker.rank == 0:
+            yield DiscardParts(task.fold, made_by)
+        task = dataclasses.replace(task, predict_indices=np.asarray(task.holdout_indices))
+    if worker is not None:
+        synchronize()  # no rank streams a prediction before the driver has the DiscardParts
+        ordered = by_size(dataset, np.asarray(task.predict_indices, dtype=np.int64))
+        task = dataclasses.replace(task, predict_indices=worker_share(ordered, worker))
+    return task

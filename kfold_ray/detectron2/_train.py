@@ -11,12 +11,14 @@ from .._backend import FoldTask, Progress
 from .._checkpoints import CheckpointSync
 from .._storage import file_sha256
 from ._data import node_name
+from ._distributed import ddp_on_the_model_device
 
 def train(cfg, fold: int, sync: CheckpointSync | None = None):
     """Train with Detectron2's DefaultTrainer, resuming from the fold's last checkpoint.
 
     The loop is TrainerBase.train written out, so that progress can be yielded between steps
-    (hooks cannot yield). Returns the trained model.
+    (hooks cannot yield). Returns the trained model (unwrapped from DDP in a fold of several
+    workers: each predicts with its own copy).
     """
     from detectron2.engine import DefaultTrainer
     from detectron2.utils.env import seed_all_rng
@@ -25,7 +27,8 @@ def train(cfg, fold: int, sync: CheckpointSync | None = None):
     # Python, numpy and torch from the fold's seed: the model's initial weights, the training
     # sampler's order (it draws its seed from numpy) and the loader workers' augmentation.
     seed_all_rng(cfg.SEED)
-    trainer = DefaultTrainer(cfg)
+    with ddp_on_the_model_device():  # a fold of several workers: DDP on CPU or this worker's GPU
+        trainer = DefaultTrainer(cfg)
     trainer.resume_or_load(resume=True)  # last_checkpoint in OUTPUT_DIR, else MODEL.WEIGHTS
     start, max_iter = trainer.start_iter, trainer.max_iter
     if start:
@@ -49,7 +52,7 @@ def train(cfg, fold: int, sync: CheckpointSync | None = None):
     if sync is not None:
         sync.push()
     yield Progress(fold, "train", max_iter, max_iter, None)
-    return trainer.model
+    return getattr(trainer.model, "module", trainer.model)
 
 
 def log_to_file(path: Path) -> None:
@@ -69,9 +72,10 @@ def log_to_file(path: Path) -> None:
 def fold_log(task: FoldTask, resumed: str | None, sync: CheckpointSync) -> None:
     """One line in the fold's log saying where this attempt runs and what it resumes from."""
     where = sync.storage.uri_of(resumed) if resumed else "nothing (training from the start)"
+    who = f" (worker {task.worker.rank} of {task.worker.world_size})" if task.worker else ""
     logging.getLogger("detectron2.kfold_ray").info(
-        "kfold-ray fold %d attempt %d on node %s: resuming from %s",
-        task.fold, task.attempt, node_name(), where,
+        "kfold-ray fold %d attempt %d on node %s%s: resuming from %s",
+        task.fold, task.attempt, node_name(), who, where,
     )
 
 

@@ -1,13 +1,15 @@
-"""cleanlab's ObjectLab image scores from per-image ``auxiliary_inputs``, without its process pools.
+"""cleanlab's ObjectLab scores from per-image ``auxiliary_inputs``, without its process pools.
 
 ``cleanlab.object_detection.filter.find_label_issues`` rebuilds the auxiliary inputs with a Python
 loop per box pair, then computes per-class AP at 10 IoU thresholds, starting a process pool for
 each threshold and shipping every image's boxes of every class to it (benchmarks/README.md,
 "Ranking at COCO scale": that is what made ranking COCO train take hours).
-``get_label_quality_scores`` rebuilds the auxiliary inputs once more. Here both come from the
-auxiliary inputs and per-box scores the report has already computed (`kfold_ray._report.
-auxiliary_inputs`, cleanlab's public ``compute_*_box_scores``), in one process, with the same
-constants, formulas and dtypes; tests check both against cleanlab on random data.
+``get_label_quality_scores`` rebuilds the auxiliary inputs once more. Its per-box
+``compute_overlooked_box_scores`` and ``compute_swap_box_scores`` recompute each image's IoU
+matrix in Python even when given it, box pair by box pair (~3 ms per image of 100 detections).
+Here all of it comes from the auxiliary inputs built once (`kfold_ray._report.auxiliary_inputs`),
+per image in numpy, in one process, with cleanlab's constants, formulas and dtypes; tests check
+every output against cleanlab's on random data.
 
 One difference: where two predictions of one class have exactly the same score, cleanlab's order
 among them is numpy's unstable quicksort; ours is the table's (stable). Only AP can differ then.
@@ -19,9 +21,55 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["find_label_issues", "label_quality_scores", "per_class_ap"]
+__all__ = ["box_scores", "find_label_issues", "label_quality_scores", "per_class_ap"]
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # as cleanlab's _get_per_class_ap
+
+
+def box_scores(aux: list[dict[str, Any]]) -> dict[str, list[np.ndarray]]:
+    """cleanlab's per-box subtype scores with its default parameters: "overlooked" (per predicted
+    box, NaN where it does not apply), "swapped" and "badly_located" (per given box), as
+    ``compute_overlooked_box_scores`` / ``compute_swap_box_scores`` / ``compute_badloc_box_scores``
+    return them for the same auxiliary inputs."""
+    from cleanlab.internal.constants import (
+        HIGH_PROBABILITY_THRESHOLD,
+        LABEL_OVERLAP_THRESHOLD,
+        LOW_PROBABILITY_THRESHOLD,
+    )
+
+    out: dict[str, list[np.ndarray]] = {"overlooked": [], "swapped": [], "badly_located": []}
+    for a in aux:
+        lab, pred, probs = a["lab_labels"], a["pred_labels"], a["pred_label_probs"]
+        sim, iou, floor = a["similarity_matrix"], a["iou_matrix"], a["min_possible_similarity"]
+        same = lab[:, None] == pred[None, :]  # (L, M)
+        # overlooked: a confident prediction touching no given box; its score is its similarity
+        # to the nearest given box of its class (none: the floor, scaled by its doubt).
+        candidate = (probs >= HIGH_PROBABILITY_THRESHOLD) & ~(iou > 0).any(axis=0)
+        nearest = np.where(same, sim, -np.inf).max(axis=0, initial=-np.inf)
+        overlooked = np.where(same.any(axis=0), nearest, floor * (1 - probs))
+        out["overlooked"].append(np.where(candidate, overlooked, np.nan))
+        # swapped: 1 - similarity to the nearest confident prediction of another class; the floor
+        # for a box that another given box of another class covers almost exactly.
+        other = ~same & (probs[None, :] > HIGH_PROBABILITY_THRESHOLD)
+        closest = np.where(other, sim, -np.inf).max(axis=1, initial=-np.inf)
+        swap = np.where(other.any(axis=1), np.maximum(floor, 1 - closest), 1.0)
+        lab_iou = _label_iou(a["lab_bboxes"])
+        conflict = ((lab_iou >= LABEL_OVERLAP_THRESHOLD) & (lab[:, None] != lab[None, :])).any(axis=1)
+        out["swapped"].append(np.where(conflict, floor, swap))
+        # badly located: similarity to the nearest overlapping same-class prediction scoring > 0.5.
+        near = same & (probs[None, :] > LOW_PROBABILITY_THRESHOLD) & (iou > 0)
+        best = np.where(near, sim, -np.inf).max(axis=1, initial=-np.inf)
+        out["badly_located"].append(np.where(near.any(axis=1), best, 1.0))
+    return out
+
+
+def _label_iou(boxes: np.ndarray) -> np.ndarray:
+    """(L, L) IoU of an image's given boxes with each other, as cleanlab computes it."""
+    from cleanlab.internal.constants import EPSILON
+
+    from ._report import _iou_matrix
+
+    return _iou_matrix(boxes, boxes, EPSILON)
 
 
 def label_quality_scores(pooled: dict[str, np.ndarray]) -> np.ndarray:

@@ -94,8 +94,6 @@ UNMATCHED_IOU = 0.5
 #: benchmarks/bench_label_issues.py (benchmarks/README.md, "Finding label errors").
 CALIBRATE_DEFAULT = False
 _LOSS_TERMS = ("loss_cls", "loss_box_reg", "p_given", "p_background")
-_CLEANLAB_AUX_KEYS = ("pred_labels", "pred_label_probs", "pred_bboxes", "lab_labels", "lab_bboxes",
-                      "similarity_matrix", "iou_matrix", "min_possible_similarity")
 _SIGNAL_COLUMNS = ("loss_score", "unmatched_score", "combined_score")
 
 ISSUE_KINDS: tuple[str, ...] = ("overlooked", "swapped", "badly_located")
@@ -321,7 +319,7 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
           calibration_groups: np.ndarray | None = None) -> pa.Table:
     from cleanlab.object_detection import rank as cl_rank
 
-    from ._objectlab import find_label_issues, label_quality_scores
+    from ._objectlab import box_scores, find_label_issues, label_quality_scores
     from ._outputs import cleanlab_predictions
 
     if fold_of_image is None:
@@ -333,14 +331,9 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
         from ._calibrate import calibrate_scores
 
         calibrate_scores(aux, fold_of_image if calibration_groups is None else calibration_groups)
-    # cleanlab's scores and flags from the auxiliary inputs built once (cleanlab's own
-    # find_label_issues rebuilds them twice and starts process pools: kfold_ray/_objectlab.py).
-    view = [{k: a[k] for k in _CLEANLAB_AUX_KEYS} for a in aux]  # cleanlab takes no other keys
-    per_box = {
-        "overlooked": cl_rank.compute_overlooked_box_scores(auxiliary_inputs=view),
-        "swapped": cl_rank.compute_swap_box_scores(auxiliary_inputs=view),
-        "badly_located": cl_rank.compute_badloc_box_scores(auxiliary_inputs=view),
-    }
+    # cleanlab's scores and flags from the auxiliary inputs built once (cleanlab's own functions
+    # rebuild them, in Python loops over box pairs, and start process pools: _objectlab.py).
+    per_box = box_scores(aux)
     pooled = {kind: np.asarray(cl_rank.pool_box_scores_per_image(scores), dtype=np.float64)
               for kind, scores in per_box.items()}
     quality = label_quality_scores(pooled)
@@ -521,16 +514,18 @@ def _explain(dataset: CocoDataset, aux: list[dict[str, Any]], per_box: dict[str,
     starts = kept_before[dataset.ann_offsets[:-1]]
     names = dataset.class_names
     stacked = np.stack([pooled[k] for k in ISSUE_KINDS], axis=1)  # (N, 3)
-    fractions = None
+    fractions = outliers = None
     if losses is not None and signals is not None:
         fractions = (_rank_fraction(signals["loss_score"]), _rank_fraction(signals["unmatched_score"]))
+        outliers = (_tukey_outliers(signals["loss_score"]), _tukey_outliers(signals["unmatched_score"]))
     kinds, boxes = [], []
     for i, a in enumerate(aux):
         scores = {k: np.asarray(per_box[k][i], dtype=np.float64) for k in ISSUE_KINDS}
         ids = ann_ids[starts[i]:]
         if fractions is not None:
             terms = {t: losses[t][starts[i]:starts[i] + len(a["lab_labels"])] for t in _LOSS_TERMS}
-            kind, j = _loss_kind(a, terms, fractions[0][i], fractions[1][i])
+            kind, j = _loss_kind(a, terms, (fractions[0][i], outliers[0][i]),
+                                 (fractions[1][i], outliers[1][i]))
             first = [_record(a, kind, j, scores, ids, names, terms)] if kind else []
             records = first + [r for r in _box_records(a, scores, "", ids, names)
                                if not first or _box_key(r) != _box_key(first[0])]
@@ -552,40 +547,39 @@ def _rank_fraction(x: np.ndarray) -> np.ndarray:
     return (rankdata(x) - 1) / max(len(x) - 1, 1)
 
 
-#: A given box is suspect when its fold model gives the given class less than this probability;
-#: a prediction overlapping no given box is an overlooked object from this score on (cleanlab's
-#: own low-probability threshold: more likely than not).
-LOSS_KIND_PROB = 0.5
+def _tukey_outliers(x: np.ndarray) -> np.ndarray:
+    """bool: the values above Tukey's fence (Q3 + 1.5 IQR) of ``x``: evidence, whatever the scale
+    of the signal (a loss in nats, a detection score) or the strength of the models."""
+    q1, q3 = np.percentile(x, [25, 75])
+    return x > q3 + 1.5 * (q3 - q1)
 
 
-def _loss_kind(a: dict[str, Any], terms: dict[str, np.ndarray], loss_fraction: float,
-               unmatched_fraction: float) -> tuple[str, int]:
-    """(kind, box) from the per-box signals: the box is the given box index (swapped,
+def _loss_kind(a: dict[str, Any], terms: dict[str, np.ndarray], loss: tuple[float, bool],
+               unmatched: tuple[float, bool]) -> tuple[str, int]:
+    """(kind, box) from the per-box signals; the box is the given box index (swapped,
     badly_located) or the prediction index (overlooked); ("", -1) without evidence.
 
-    overlooked      a prediction overlapping no given box scores >= `LOSS_KIND_PROB`
-    swapped         the worst given box (largest loss_cls + loss_box_reg) gets p_given <
-                    `LOSS_KIND_PROB`, and the model sees another object there rather than
-                    background: the rest of its probability mass (1 - p_given - p_background)
-                    outweighs p_background, or a prediction of another class covers the box
-                    (IoU >= 0.5) scoring above every one of the given class
-    badly_located   that box is suspect otherwise (mostly background to the model: shifted)
+    ``loss`` and ``unmatched`` are the image's (rank fraction, outlier) for loss_score and
+    unmatched_score: a signal is evidence when it is an outlier of its distribution over the
+    dataset (`_tukey_outliers`); with both, the one ranking the image worse (the one
+    `combined_score` took) names the problem:
 
-    When both an overlooked object and a suspect box are seen, the signal ranking the image
-    worse across the dataset (the one `combined_score` took) names it.
+    overlooked      its best prediction overlapping no given box
+    swapped         its worst given box (largest loss_cls + loss_box_reg), where the fold model
+                    sees another object rather than background (the rest of its probability,
+                    1 - p_given - p_background, outweighs p_background) or predicts another class
+                    over the box (IoU >= 0.5) above every prediction of the given class
+    badly_located   that box otherwise: the model sees background in it (a shifted box)
     """
-    probs = _raw_probs(a)
-    iou = a["iou_matrix"]
-    free = np.ones(probs.size, dtype=bool) if iou.shape[0] == 0 else iou.max(axis=0) < UNMATCHED_IOU
-    m = int(np.flatnonzero(free)[np.argmax(probs[free])]) if free.any() else -1
-    overlooked = m >= 0 and probs[m] >= LOSS_KIND_PROB
-    total = terms["loss_cls"] + terms["loss_box_reg"]
-    j = int(np.nanargmax(total)) if np.isfinite(total).any() else -1
-    suspect = j >= 0 and terms["p_given"][j] < LOSS_KIND_PROB
-    if overlooked and (not suspect or unmatched_fraction >= loss_fraction):
-        return "overlooked", m
-    if not suspect:
+    if not (loss[1] or unmatched[1]):
         return "", -1
+    probs = _raw_probs(a)
+    if unmatched[1] and (not loss[1] or unmatched[0] >= loss[0]):
+        iou = a["iou_matrix"]
+        free = np.ones(probs.size, dtype=bool) if iou.shape[0] == 0 else iou.max(axis=0) < UNMATCHED_IOU
+        return "overlooked", int(np.flatnonzero(free)[np.argmax(probs[free])])
+    total = terms["loss_cls"] + terms["loss_box_reg"]
+    j = int(np.nanargmax(total))
     p_given, p_background = terms["p_given"][j], terms["p_background"][j]
     other = 1.0 - p_given - p_background
     return ("swapped" if other > p_background or _other_class_wins(a, j) else "badly_located"), j

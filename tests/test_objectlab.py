@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kfold_ray._objectlab import find_label_issues, label_quality_scores, per_class_ap
+from kfold_ray._objectlab import box_scores, find_label_issues, label_quality_scores, per_class_ap
 from kfold_ray._report import auxiliary_inputs
 
 
@@ -19,6 +19,10 @@ def _random_dataset(seed: int, n_images: int = 60, num_classes: int = 4):
         xy = rng.uniform(0, 100, (n, 2))
         boxes = np.c_[xy, xy + rng.uniform(8, 40, (n, 2))]
         classes = rng.integers(0, num_classes, n)
+        if n and i % 5 == 0:  # the same object labelled twice, as two classes (swap's floor)
+            boxes = np.r_[boxes, boxes[:1] + 0.1]
+            classes = np.r_[classes, (classes[:1] + 1) % num_classes]
+            n += 1
         labels.append({"bboxes": boxes.astype(np.float32), "labels": classes})
         near = boxes + rng.normal(0, 3, boxes.shape)  # predictions on the given boxes
         keep = rng.random(n) < 0.8
@@ -35,7 +39,7 @@ def _random_dataset(seed: int, n_images: int = 60, num_classes: int = 4):
     return labels, predictions
 
 
-def _per_box(aux):
+def _cleanlab_per_box(aux):
     from cleanlab.object_detection import rank as cl_rank
 
     return {"overlooked": cl_rank.compute_overlooked_box_scores(auxiliary_inputs=aux),
@@ -51,7 +55,7 @@ def test_same_flags_and_scores_as_cleanlab(seed):
 
     labels, predictions = _random_dataset(seed)
     aux = auxiliary_inputs(labels, predictions)
-    per_box = _per_box(aux)
+    per_box = _cleanlab_per_box(aux)
     theirs_ap = _get_per_class_ap(labels, predictions)
     ours_ap = per_class_ap(aux, 4) * 0.25
     assert np.allclose(ours_ap, [theirs_ap[c] for c in range(4)], atol=1e-6)
@@ -68,8 +72,25 @@ def test_same_flags_and_scores_as_cleanlab(seed):
 def test_the_per_box_scores_are_left_as_they_were():
     labels, predictions = _random_dataset(3)
     aux = auxiliary_inputs(labels, predictions)
-    per_box = _per_box(aux)
+    per_box = _cleanlab_per_box(aux)
     before = {k: [s.copy() for s in v] for k, v in per_box.items()}
     find_label_issues(aux, per_box, 4)
     for k in per_box:  # cleanlab's own version writes 1.0 over NaNs in place
         assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(per_box[k], before[k]))
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_same_per_box_scores_as_cleanlab(seed):
+    labels, predictions = _random_dataset(seed)
+    aux = auxiliary_inputs(labels, predictions)
+    theirs, ours = _cleanlab_per_box(aux), box_scores(aux)
+    for kind in theirs:
+        assert len(ours[kind]) == len(theirs[kind])
+        for a, b in zip(ours[kind], theirs[kind]):
+            assert np.allclose(a, b, equal_nan=True, rtol=0, atol=1e-12), kind
+    # Every branch was taken: applicable and not, conflicting labels, no evidence (1.0).
+    flat = {k: np.concatenate(v) for k, v in ours.items()}
+    assert np.isnan(flat["overlooked"]).any() and (~np.isnan(flat["overlooked"])).any()
+    floor = aux[0]["min_possible_similarity"]
+    assert (flat["swapped"] == floor).any() and (flat["swapped"] == 1).any() and (flat["swapped"] < 1).any()
+    assert (flat["badly_located"] == 1).any() and (flat["badly_located"] < 1).any()

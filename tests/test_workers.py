@@ -22,6 +22,7 @@ from kfold_ray import ConfigError, run_cv
 from kfold_ray._backend import FoldWorker, worker_share
 from kfold_ray._dataset import load_coco
 from kfold_ray._exceptions import ImageReadError
+from kfold_ray._reduce import FoldPartStore
 from kfold_ray._workers import worker_error
 
 pytestmark = pytest.mark.slow
@@ -58,19 +59,18 @@ def test_a_fold_trained_by_two_workers_is_one_model_and_stitches_like_any_fold(r
     table = pq.read_table(tmp_path / "run" / "predictions.parquet")
     dataset = load_coco(ann, images)
     assert sorted(set(table.column("image_id").to_pylist())) == sorted(dataset.image_ids.tolist())
-    # Every image has predictions from one model: its fold's final checkpoint.
+    # Both workers' shares were persisted as the fold's parts, all made by one model: the
+    # fold's final checkpoint (rank 0 wrote it; rank 1 names it too).
+    store = FoldPartStore(tmp_path / "run")
     for fold in (0, 1):
-        held_out = result.plan.holdout_indices(fold)
-        models = {m for m, i in zip(table.column("model").to_pylist(),
-                                    table.column("image_index").to_pylist()) if i in set(held_out.tolist())}
+        models = store.models(fold)
         assert len(models) == 1 and next(iter(models)).startswith("model_final.pth:"), models
+        assert sorted(store.covered_images(fold).tolist()) == sorted(result.plan.holdout_indices(fold).tolist())
     log = (tmp_path / "run" / "folds" / "fold_000" / "log.txt").read_text()
     assert "(worker 0 of 2): resuming from nothing" in log, log[-2000:]
 
 
 def test_killing_one_worker_mid_training_resumes_the_fold_from_its_checkpoint(ray_4cpus, tmp_path):
-    from ray.util.state import list_actors
-
     ann, images = make_coco(tmp_path / "data", n_images=10, categories=2, size=(64, 64))
     run_dir = tmp_path / "run"
     slow = [*TINY, "SOLVER.MAX_ITER", "24"]
@@ -79,10 +79,9 @@ def test_killing_one_worker_mid_training_resumes_the_fold_from_its_checkpoint(ra
     def kill_a_worker_after_the_first_checkpoints() -> None:
         wait_for(lambda: all((run_dir / "folds" / f"fold_00{f}" / "last_checkpoint").is_file()
                              for f in (0, 1)), 600, "both folds' first checkpoint")
-        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                                   ("state", "=", "ALIVE")], detail=True)]
-        os.kill(int(workers[0].pid), signal.SIGKILL)
-        killed.append(int(workers[0].pid))
+        pid = _train_worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoints, daemon=True)
     killer.start()
@@ -100,6 +99,25 @@ def test_killing_one_worker_mid_training_resumes_the_fold_from_its_checkpoint(ra
     resumed_at = [line for line in log.splitlines() if "resumes training at iteration" in line]
     assert resumed_at and int(resumed_at[-1].split("iteration ")[1].split()[0]) >= 2, log[-3000:]
     assert result.metrics["pooled"]["num_images"] == 10  # every image, once (the stitch checks)
+
+
+def _train_worker_pids() -> list[int]:
+    """Processes of this test's Ray cluster running a Ray Train worker (children of its raylet;
+    other Ray clusters may run on this machine)."""
+    import psutil
+    import ray
+
+    session = ray._private.worker._global_node.session_name
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or ()) and \
+                    session in " ".join(p.parent().cmdline()):
+                pids.append(p.pid)
+        except (psutil.Error, AttributeError):
+            continue
+    assert pids, "no Ray Train worker process found"
+    return sorted(pids)
 
 
 def test_the_total_batch_must_divide_among_the_workers_before_any_fold_starts(tmp_path):

@@ -395,11 +395,11 @@ def _ap_section(run: FinishedRun) -> str:
 
 def _quality_section(rankings: dict[str, pa.Table]) -> str:
     oof = rankings["out_of_fold"]
-    kinds = oof.filter(oof.column("is_issue")).column("issue_kind").to_pylist()
+    kinds = oof.column("issue_kind").to_pylist()
     counts = ", ".join(f"{KIND_TEXT[k]}: {kinds.count(k)}" for k in ISSUE_KINDS)
     return ("<h2>Label quality scores</h2>"
             '<p><img src="quality.png" alt="histogram of label quality scores"></p>'
-            f"<p>Most likely problem among the flagged images: {_e(counts)}.</p>")
+            f"<p>Images with a likely problem named (the rest show no sign of one): {_e(counts)}.</p>")
 
 
 def _comparison_section(run: FinishedRun, rankings: dict[str, pa.Table], top: int) -> str:

@@ -172,9 +172,6 @@ def plan_launch(info: ClusterInfo, config: CVConfig, *, folds: int) -> tuple[Fol
     if cpus is None:
         cpus = (max(1.0, math.floor(info.cpus_per_gpu * gpus)) if gpus and info.cpus_per_gpu
                 else 1.0) * (1 if gpus else workers)
-    if cpus < workers:
-        raise ConfigError(f"cpus_per_fold {cpus:g} for {workers} workers per fold: each worker "
-                          "needs at least one CPU")
     launch = FoldLaunch(num_gpus=gpus, num_cpus=cpus, workers=workers)
     lines.extend(_waves(folds, launch, info))
     return launch, lines

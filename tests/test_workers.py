@@ -123,7 +123,7 @@ def _train_worker_pids() -> list[int]:
 def test_the_total_batch_must_divide_among_the_workers_before_any_fold_starts(tmp_path):
     ann, images = make_coco(tmp_path / "data", n_images=6, categories=2, size=(64, 64))
     with pytest.raises(ConfigError, match=r"SOLVER.IMS_PER_BATCH 3 is the total batch of a fold's "
-                                          r"2 workers .* --opts SOLVER.IMS_PER_BATCH 2"):
+                                          r"2 workers .*\(--opts SOLVER.IMS_PER_BATCH 2\)"):
         run_cv(ann, 2, image_root=images, model="tiny", overrides=[*TINY, "SOLVER.IMS_PER_BATCH", "3"],
                gpus_per_fold=0, workers_per_fold=2, run_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
@@ -141,7 +141,7 @@ def test_the_fold_fails_with_the_workers_own_error_not_the_collateral_ones():
     from ray.exceptions import ActorDiedError
     from ray.train import WorkerGroupError
 
-    own = ImageReadError("node x cannot read s3://b/i.jpg")
+    own = ImageReadError("node-x", "s3://b/i.jpg", "FileNotFoundError")
     error = WorkerGroupError("two workers failed", {0: RuntimeError("gloo: connection closed"),
                                                     1: own, 2: ActorDiedError()})
     assert worker_error(error) is own

@@ -178,3 +178,27 @@ def test_kfold_ray_run_without_address_joins_the_cluster_started_on_this_node(ra
     port = ray_head.address.rsplit(":", 1)[1]
     assert "(joined)" in first and f":{port}" in first, first
     assert (tmp_path / "run" / "predictions.parquet").is_file()
+
+
+def test_folds_of_two_workers_on_nodes_that_share_only_s3(private_cluster, tmp_path):
+    """Ray Train workers on nodes without the driver's disk: every rank reads the data and the
+    checkpoints from S3, rank 0 alone writes the fold's checkpoints and log there."""
+    s3 = private_cluster.s3
+    ann, _ = make_coco(private_cluster.driver_only_dir / "data", n_images=8, categories=2,
+                       size=(64, 64))
+    ann_uri, images_uri = upload_dataset(s3, ann.parent)
+    run_uri = s3.uri("runs", "workers")
+    done = cli("run", "--annotations", ann_uri, "--images", images_uri, "-k", "2",
+               "--run-dir", run_uri, "--model", "tiny", "--gpus-per-fold", "0",
+               "--workers-per-fold", "2", "--checkpoint-period", "3", "--opts", *TINY,
+               env=private_cluster.driver_env(address=True), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 folds x 2 CPUs each (2 workers)" in done.stderr, done.stderr[-2000:]
+    metrics = json.loads(s3.read("runs/workers/metrics.json"))
+    for fold, info in metrics["folds_run"].items():
+        assert info["workers"] == 2 and info["weights"][0] == info["weights"][1], (fold, info)
+    keys = set(s3.keys("runs/workers/"))
+    for fold in (0, 1):
+        assert f"runs/workers/folds/fold_00{fold}/model_final.pth" in keys, sorted(keys)
+        log = s3.read(f"runs/workers/folds/fold_00{fold}/log.txt").decode()
+        assert "(worker 0 of 2)" in log and "(worker 1 of 2)" not in log, log[-2000:]

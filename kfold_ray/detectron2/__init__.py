@@ -11,6 +11,8 @@ stays fast. One module per job:
     _data      a fold's split registered with Detectron2; can this node read the images
     _train     the training loop (seeded, resumed, checkpoints mirrored, progress yielded)
     _predict   batched held-out inference into Arrow batches
+    _losses    the fold model's losses on each image's given boxes (loss inspection)
+    _distributed  a fold of several Ray Train workers: comm's local group, DDP's device, one model
     _backend   Detectron2Backend, which ties them together
 """
 

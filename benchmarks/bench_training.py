@@ -9,6 +9,9 @@ counts; absolute times mean something only on a GPU.
                through CheckpointSync), as every fold runs it
     run_cv     (--run-cv) one whole run_cv(k=2) on a local Ray cluster, 1 worker per fold vs 2
                DDP workers per fold (gloo on CPU; NCCL on GPUs): wall time of the whole run
+    packing    (--packing, one GPU) run_cv(k=2) with gpus_per_fold 1 (the folds one after the
+               other) vs 0.5 (both on the GPU at once): the ratio of wall times is the ratio of
+               aggregate training + inference throughput
 
 Training images/s = iterations x SOLVER.IMS_PER_BATCH / seconds of train() (model building
 included for both, like a fold pays it).
@@ -75,19 +78,22 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _run_cv(args, root: Path, annotations: Path, images: Path, workers: int) -> float:
+def _run_cv(args, root: Path, annotations: Path, images: Path, workers: int,
+            gpus: float | None = None) -> float:
     import ray
 
     from kfold_ray import run_cv
 
-    gpus = float(workers) if _gpus() >= 2 * workers else 0.0
+    if gpus is None:
+        gpus = float(workers) if _gpus() >= 2 * workers else 0.0
     ray.init(address="local", num_cpus=max(2, 2 * workers), include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     try:
         start = time.perf_counter()
         run_cv(annotations, 2, image_root=images, model=args.model,
                overrides=["SOLVER.MAX_ITER", str(args.iters), *args.opts], gpus_per_fold=gpus,
-               workers_per_fold=workers, run_dir=root / f"run-cv-{workers}w", progress=False)
+               workers_per_fold=workers, run_dir=root / f"run-cv-{workers}w-{gpus:g}gpu",
+               progress=False)
         return time.perf_counter() - start
     finally:
         ray.shutdown()
@@ -132,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         two = _run_cv(args, root, ex.annotations_path, ex.image_dir, 2)
         rows["run_cv"] = {"one_worker_s": one, "two_workers_s": two, "speedup": one / two}
         print(f"run_cv k=2: 1 worker/fold {one:.1f} s, 2 workers/fold {two:.1f} s: {one / two:.2f}x")
+    if args.packing:
+        whole = _run_cv(args, root, ex.annotations_path, ex.image_dir, 1, gpus=1.0)
+        half = _run_cv(args, root, ex.annotations_path, ex.image_dir, 1, gpus=0.5)
+        rows["packing"] = {"one_gpu_per_fold_s": whole, "half_gpu_per_fold_s": half,
+                           "aggregate_speedup": whole / half}
+        print(f"run_cv k=2 on one GPU: 1 GPU/fold {whole:.1f} s, 0.5 GPU/fold {half:.1f} s: "
+              f"{whole / half:.2f}x aggregate")
     (root / "bench_training.json").write_text(json.dumps({"args": vars(args), **rows}, indent=1))
     print(f"results: {root / 'bench_training.json'}")
     return 0
@@ -147,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-workers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--run-cv", action="store_true")
+    p.add_argument("--packing", action="store_true", help="needs one GPU")
     p.add_argument("--opts", nargs="*", default=[])
     return p
 

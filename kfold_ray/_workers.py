@@ -42,7 +42,13 @@ def run_on_workers(backend: FoldBackend, task: FoldTask, dataset: CocoDataset) -
     import ray
     from ray.util.queue import Queue
 
-    events = Queue(maxsize=QUEUE_EVENTS)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # The queue reserves no CPU (a full cluster must not keep it from starting) and lives on the
+    # fold actor's node, which owns it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    events = Queue(maxsize=QUEUE_EVENTS,
+                   actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = _trainer(backend, task, ray.put(dataset), events)
     failure: list[BaseException] = []
 

@@ -1,18 +1,25 @@
-"""How well the label-issue ranking finds known label errors: out-of-fold vs in-sample predictions.
+"""How well each label-error signal finds known label errors: out-of-fold vs in-sample predictions.
 
 On the built-in digits example (`kfold_ray._example.make_digits_example`: handwritten digits with
 ~10 % of the images given one recorded label error: a swapped class, a missing box or a shifted
-box), one `run_cv(..., in_sample=True)` trains the K fold models AND one model on every image (same
-model, same iterations), then each set of predictions is ranked by `kfold_ray._report`:
+box), one `run_cv(..., in_sample=True)` with the example's own config (`kfold-ray example`: the
+tiny preset; only --max-iter changes) trains the K fold models AND one model on every image (same
+model, same iterations). Each set of predictions is then ranked by `kfold_ray._report`, and each
+signal (one score per image, higher = more likely wrong) is scored:
 
-    AUROC          of the ranking (score = 1 - quality) for telling corrupted images from clean ones
+    cleanlab raw         1 - cleanlab's label quality score on the raw predictions
+    cleanlab calibrated  the same on cross-fitted, per-class calibrated scores (kfold_ray._calibrate)
+    loss                 loss_score: worst given box's loss_cls + loss_box_reg (box_losses.parquet)
+    unmatched            unmatched_score: best prediction overlapping no given box
+    combined             combined_score: the larger rank fraction of the two (the default ranking)
+
+    AUROC          telling corrupted images from clean ones
     P@N            precision among the N worst-ranked images, N = number of corrupted images
-    flagged        images cleanlab flags (find_label_issues), and how many of them are corrupted
-    kind ok        of the corrupted images within the top N, how many got the injected kind
-                   (missing -> overlooked, swapped -> swapped, shifted -> badly_located)
-    per kind       mean rank of the corrupted images of each injected kind
+    kind ok        (default ranking) corrupted images in the top N given the injected kind, and of
+                   all corrupted images (missing -> overlooked, swapped -> swapped, shifted ->
+                   badly_located)
 
-and two diagnostics of WHY a ranking is good or bad:
+and two diagnostics of WHY cleanlab does well or badly:
 
     conf>=.95      share of the true objects (annotations_clean.json) whose best same-class
                    prediction (IoU >= 0.5) scores >= 0.95: cleanlab only looks for overlooked and
@@ -20,9 +27,9 @@ and two diagnostics of WHY a ranking is good or bad:
     AUROC@t        AUROC of cleanlab's quality score recomputed (public per-box functions, same
                    pooling and weights) with that threshold lowered to t
 
-    python benchmarks/bench_label_issues.py                        # CPU: 150 images, k=3, 300 iters
-    python benchmarks/bench_label_issues.py --images 600 --max-iter 1500 --gpus-per-fold 0.5  # GPU
-    python benchmarks/bench_label_issues.py --reuse                # re-rank a finished run dir
+    python benchmarks/bench_label_issues.py --out runs/bench-label-issues/iter150    # the example's budget
+    python benchmarks/bench_label_issues.py --out runs/bench-label-issues/iter300 --max-iter 300
+    python benchmarks/bench_label_issues.py --out ... --reuse     # re-rank a finished run dir
 
 Results also go to RUN_DIR/bench_label_issues.json.
 """
@@ -55,17 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         _train(args, data, run_dir)
     train_s = None if reused else time.perf_counter() - started
 
-    from kfold_ray._report import label_issues_for_run, open_run
+    from kfold_ray._report import open_run
 
     run = open_run(run_dir)
     results = {}
     for name, in_sample in (("out-of-fold", False), ("in-sample", True)):
         if in_sample and not run.has_in_sample:
             continue
-        t = time.perf_counter()
-        table = label_issues_for_run(run, in_sample=in_sample)
-        results[name] = _evaluate(table, injected)
-        results[name]["rank_seconds"] = round(time.perf_counter() - t, 2)
+        results[name] = _rank_and_score(run, in_sample, injected)
         ap = run.metrics.get("in_sample" if in_sample else "pooled", {})
         results[name]["pooled_AP"] = ap.get("AP") if isinstance(ap, dict) else None
         results[name]["pooled_AP50"] = ap.get("AP50") if isinstance(ap, dict) else None
@@ -87,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupt-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0, help="dataset seed (the fold split uses seed 0)")
     p.add_argument("-k", type=int, default=3)
-    p.add_argument("--max-iter", type=int, default=300, help="training iterations per model")
-    p.add_argument("--batch", type=int, default=8, help="SOLVER.IMS_PER_BATCH")
+    p.add_argument("--max-iter", type=int, default=150, help="training iterations per model "
+                   "(default: the example's)")
     p.add_argument("--gpus-per-fold", type=float, default=0.0)
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="more Detectron2 overrides")
     p.add_argument("--no-in-sample", dest="in_sample", action="store_false",
@@ -108,49 +112,77 @@ def _train(args, data, run_dir: Path) -> None:
     import ray
 
     from kfold_ray import run_cv
+    from kfold_ray._example import EXAMPLE_MODEL, example_overrides
 
-    iters = args.max_iter
-    overrides = ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.8)},)",
-                 "SOLVER.IMS_PER_BATCH", str(args.batch),
-                 "SOLVER.WARMUP_ITERS", str(min(50, iters // 4)), *args.opts]
-    run_cv(data.annotations_path, args.k, image_root=data.image_dir, model="tiny",
-           overrides=overrides, gpus_per_fold=args.gpus_per_fold, run_dir=run_dir,
+    # The example's own config (`kfold-ray example`): only the iterations change with --max-iter.
+    run_cv(data.annotations_path, args.k, image_root=data.image_dir, model=EXAMPLE_MODEL,
+           overrides=[*example_overrides(args.max_iter), *args.opts],
+           gpus_per_fold=args.gpus_per_fold, run_dir=run_dir, address="local",
            resume=(run_dir / "run.json").is_file(), in_sample=args.in_sample,
-           score_threshold=0.05, progress=sys.stderr.isatty())
+           progress=sys.stderr.isatty())
     ray.shutdown()
 
 
-def _evaluate(table, injected: list[dict]) -> dict:
+SIGNALS = ("cleanlab raw", "cleanlab calibrated", "loss", "unmatched", "combined")
+
+
+def _rank_and_score(run, in_sample: bool, injected: list[dict]) -> dict:
+    """Rank once with raw and once with calibrated scores; score every signal."""
+    from kfold_ray._report import label_issues_for_run
+
+    t = time.perf_counter()
+    raw = label_issues_for_run(run, in_sample=in_sample, calibrate=False, write=False)
+    raw_s = time.perf_counter() - t
+    t = time.perf_counter()
+    calibrated = label_issues_for_run(run, in_sample=in_sample, calibrate=True, write=False)
+    calibrated_s = time.perf_counter() - t
+    by_id = lambda table, column: dict(zip(table.column("image_id").to_pylist(),  # noqa: E731
+                                           table.column(column).to_pylist()))
+    ids = sorted(by_id(raw, "rank"))
+    scores = {
+        "cleanlab raw": [1 - by_id(raw, "quality_score")[i] for i in ids],
+        "cleanlab calibrated": [1 - by_id(calibrated, "quality_score")[i] for i in ids],
+        "loss": [by_id(raw, "loss_score")[i] for i in ids],
+        "unmatched": [by_id(raw, "unmatched_score")[i] for i in ids],
+        "combined": [by_id(raw, "combined_score")[i] for i in ids],
+    }
+    kind_of = {e["image_id"]: e["kind"] for e in injected}
+    y = np.array([i in kind_of for i in ids])
+    out = {"signals": {name: _score(y, np.array(v, dtype=float)) for name, v in scores.items()}}
+    out["kinds"] = _kinds(raw, kind_of)
+    out["rank_seconds"] = {"raw": round(raw_s, 2), "calibrated": round(calibrated_s, 2)}
+    out["flagged"] = {"raw": int(sum(raw.column("is_issue").to_pylist())),
+                      "calibrated": int(sum(calibrated.column("is_issue").to_pylist()))}
+    return out
+
+
+def _score(y: np.ndarray, score: np.ndarray) -> dict:
+    """AUROC and precision@N of one signal (None where it could not be computed: no losses)."""
     from sklearn.metrics import roc_auc_score
 
+    n = int(y.sum())
+    if np.isnan(score).any() or not 0 < n < len(y):
+        return {"auroc": None, "precision_at_n": None}
+    top = np.argsort(-score, kind="stable")[:n]
+    return {"auroc": round(float(roc_auc_score(y, score)), 4),
+            "precision_at_n": round(float(y[top].mean()), 4)}
+
+
+def _kinds(table, kind_of: dict[int, str]) -> dict:
+    """Of the corrupted images (in the ranking's top N, and all): how many got the injected kind."""
     rows = table.to_pylist()  # worst first
-    kind_of = {e["image_id"]: e["kind"] for e in injected}
-    corrupted = np.array([r["image_id"] in kind_of for r in rows])
-    quality = np.array([r["quality_score"] for r in rows])
-    n = int(corrupted.sum())
-    top = rows[:n]
-    flagged = [r for r in rows if r["is_issue"]]
-    kind_ok = sum(1 for r in top if r["image_id"] in kind_of
-                  and r["issue_kind"] == EXPECTED_KIND[kind_of[r["image_id"]]])
+    n = len(kind_of)
+    right = [r["image_id"] in kind_of and r["issue_kind"] == EXPECTED_KIND[kind_of[r["image_id"]]]
+             for r in rows]
+    corrupted = [r["image_id"] in kind_of for r in rows]
     per_kind = {}
     for kind in EXPECTED_KIND:
-        ranks = [r["rank"] for r in rows if kind_of.get(r["image_id"]) == kind]
-        hits = [r for r in rows if kind_of.get(r["image_id"]) == kind]
-        per_kind[kind] = {
-            "n": len(ranks),
-            "mean_rank": round(float(np.mean(ranks)), 1) if ranks else None,
-            "in_top_n": sum(1 for r in top if kind_of.get(r["image_id"]) == kind),
-            "kind_named": sum(1 for r in hits if r["issue_kind"] == EXPECTED_KIND[kind]),
-        }
-    return {
-        "auroc": round(float(roc_auc_score(corrupted, 1.0 - quality)), 4) if 0 < n < len(rows) else None,
-        "precision_at_n": round(float(corrupted[:n].mean()), 4) if n else None,
-        "n": n,
-        "flagged": len(flagged),
-        "flagged_corrupted": sum(1 for r in flagged if r["image_id"] in kind_of),
-        "kind_ok_in_top_n": kind_ok,
-        "per_kind": per_kind,
-    }
+        mine = [(r, ok) for r, ok in zip(rows, right) if kind_of.get(r["image_id"]) == kind]
+        per_kind[kind] = {"n": len(mine), "mean_rank": round(float(np.mean([r["rank"] for r, _ in mine])), 1)
+                          if mine else None, "kind_named": sum(ok for _, ok in mine),
+                          "named_as": sorted(r["issue_kind"] or "-" for r, _ in mine)}
+    return {"n": n, "in_top_n": sum(corrupted[:n]), "ok_in_top_n": sum(right[:n]), "ok_all": sum(right),
+            "per_kind": per_kind}
 
 
 def _diagnose(run, in_sample: bool, clean_annotations: Path, injected: list[dict]) -> dict:
@@ -191,30 +223,30 @@ def _diagnose(run, in_sample: bool, clean_annotations: Path, injected: list[dict
 def _print(results: dict, args, injected: list[dict], train_s: float | None) -> None:
     n_corrupt = len({e["image_id"] for e in injected})
     print(f"\ndigits example: {args.images} images ({args.image_size} px), {n_corrupt} with one injected "
-          f"label error; k={args.k}, tiny Faster R-CNN from scratch, {args.max_iter} iterations per "
-          f"model; " + ("re-ranked a finished run" if train_s is None else f"train+predict {train_s:.0f} s"))
-    header = (f"{'predictions':<12} {'pooled AP':>9} {'AP50':>6} {'AUROC':>7} {'P@N':>6} "
-              f"{'flagged (corrupt)':>18} {'kind ok@N':>10} {'rank s':>7}")
+          f"label error; k={args.k}, the example's config (tiny Faster R-CNN from scratch), "
+          f"{args.max_iter} iterations per model; "
+          + ("re-ranked a finished run" if train_s is None else f"train+predict {train_s:.0f} s"))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    header = f"{'signal':<20}" + "".join(f" {name + ' AUROC':>18} {'P@' + str(n_corrupt):>6}"
+                                         for name in results)
     print(header)
     print("-" * len(header))
+    for signal in SIGNALS:
+        print(f"{signal:<20}" + "".join(
+            f" {fmt(r['signals'][signal]['auroc']):>18} {fmt(r['signals'][signal]['precision_at_n']):>6}"
+            for r in results.values()))
     for name, r in results.items():
-        ap = f"{r['pooled_AP']:.3f}" if isinstance(r.get("pooled_AP"), (int, float)) else "n/a"
-        ap50 = f"{r['pooled_AP50']:.3f}" if isinstance(r.get("pooled_AP50"), (int, float)) else "n/a"
-        auroc = f"{r['auroc']:.3f}" if r["auroc"] is not None else "n/a"
-        pn = f"{r['precision_at_n']:.3f}" if r["precision_at_n"] is not None else "n/a"
-        print(f"{name:<12} {ap:>9} {ap50:>6} {auroc:>7} {pn:>6} "
-              f"{r['flagged']:>9} ({r['flagged_corrupted']:>3})    "
-              f"{r['kind_ok_in_top_n']:>4}/{r['n']:<4} {r['rank_seconds']:>7.2f}")
-    print("\nwhy: share of true objects predicted (right class, IoU >= 0.5) with score >= 0.95; AUROC "
-          "with cleanlab's 0.95 confidence threshold lowered")
-    for name, r in results.items():
+        k = r["kinds"]
+        ap = r.get("pooled_AP")
+        print(f"\n{name}: pooled AP {fmt(ap)}, AP50 {fmt(r.get('pooled_AP50'))}; cleanlab flags "
+              f"{r['flagged']['raw']} images (calibrated: {r['flagged']['calibrated']}); ranking "
+              f"{r['rank_seconds']['raw']} s (calibrated {r['rank_seconds']['calibrated']} s)")
+        print(f"  kind named right: {k['ok_in_top_n']} of the {k['in_top_n']} corrupted images in the top "
+              f"{k['n']}, {k['ok_all']} of all {k['n']}")
+        for kind, v in k["per_kind"].items():
+            print(f"    {kind:<8} mean rank {v['mean_rank']}, named as {', '.join(v['named_as'])}")
         at = ", ".join(f"@{t}: {v:.3f}" for t, v in r["auroc_at"].items())
-        print(f"  {name:<12} conf>=.95 {r['confident_share']:.3f}   AUROC {at}")
-    print("\nper injected kind: mean rank of its images / in top N / kind named right (of n)")
-    for name, r in results.items():
-        parts = [f"{k} {v['mean_rank']} / {v['in_top_n']} / {v['kind_named']} (of {v['n']})"
-                 for k, v in r["per_kind"].items()]
-        print(f"  {name:<12} " + "; ".join(parts))
+        print(f"  why: conf>=.95 {r['confident_share']:.3f}; cleanlab AUROC {at}")
     print(f"\ncommand: {_command()}")
 
 

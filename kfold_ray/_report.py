@@ -657,7 +657,10 @@ def _compared_with(a: dict[str, Any], kind: str, j: int) -> int:
     prediction of another class (cleanlab's rule), else the best-overlapping one of another class;
     for a bad location, the most similar same-class prediction scoring > 0.5 that overlaps it
     (cleanlab's rule), else the best-overlapping one of its class."""
-    from cleanlab.internal.constants import HIGH_PROBABILITY_THRESHOLD, LOW_PROBABILITY_THRESHOLD
+    from cleanlab.internal.constants import (
+        HIGH_PROBABILITY_THRESHOLD,
+        LOW_PROBABILITY_THRESHOLD,
+    )
 
     same = a["pred_labels"] == a["lab_labels"][j]
     overlaps = a["iou_matrix"][j] > 0

@@ -25,7 +25,12 @@ import numpy as np
 import pyarrow as pa
 
 from ._atomic import atomic_path, write_text
-from ._report import ISSUE_KINDS, INJECTED_ERRORS, injected_errors_of, score_against_injected
+from ._report import (
+    INJECTED_ERRORS,
+    ISSUE_KINDS,
+    injected_errors_of,
+    score_against_injected,
+)
 
 if TYPE_CHECKING:
     from ._report import FinishedRun

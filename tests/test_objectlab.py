@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kfold_ray._objectlab import box_scores, find_label_issues, label_quality_scores, per_class_ap
+from kfold_ray._objectlab import (
+    box_scores,
+    find_label_issues,
+    label_quality_scores,
+    per_class_ap,
+)
 from kfold_ray._report import auxiliary_inputs
 
 

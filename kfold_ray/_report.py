@@ -706,9 +706,9 @@ def read_injected_errors(location: str | os.PathLike[str]) -> list[dict[str, Any
     location = str(location)
     if not location.endswith(".json"):
         location = location.rstrip("/") + "/" + INJECTED_ERRORS
-    folder, name = location.rsplit("/", 1)
+    folder, slash, name = location.rpartition("/")
     try:
-        storage = Storage(folder or "/", what="dataset folder")
+        storage = Storage(folder or slash or ".", what="dataset folder")
         if not storage.is_file(name):
             return None
         doc = json.loads(storage.read_text(name))

@@ -1,22 +1,28 @@
 """Stage "report", part 1: rank the images by how likely their labels are wrong.
 
 cleanlab's object-detection scoring runs ONCE over the whole stitched prediction table (its
-per-class thresholds depend on the whole dataset, cleanlab #1301), never per fold:
+per-class thresholds depend on the whole dataset, cleanlab #1301), never per fold, in one process
+with cleanlab's formulas (`kfold_ray._objectlab`: cleanlab's own functions take hours at COCO
+scale; tests check both give the same numbers):
 
-    quality_score   ``cleanlab.object_detection.rank.get_label_quality_scores`` (1 = clean, 0 = wrong)
-    is_issue        ``cleanlab.object_detection.filter.find_label_issues``
-    subtype scores  cleanlab's per-box scores (``rank.compute_overlooked_box_scores``,
+    quality_score   as ``cleanlab.object_detection.rank.get_label_quality_scores`` (1 = clean)
+    is_issue        as ``cleanlab.object_detection.filter.find_label_issues``
+    subtype scores  cleanlab's per-box scores (as ``rank.compute_overlooked_box_scores``,
                     ``compute_swap_box_scores``, ``compute_badloc_box_scores``), pooled per image
                     with ``rank.pool_box_scores_per_image``; the quality score is their weighted
                     geometric mean
 
-The three subtypes say which kind of problem is most likely, and on which boxes:
+With ``calibrate``, cleanlab scores cross-fitted per-class calibrated detection scores
+(`kfold_ray._calibrate`); the raw ones stay in ``boxes``. The three subtypes say which kind of
+problem is most likely, and on which boxes:
 
     overlooked      a confident prediction (score >= 0.95) overlapping no given box: an object
                     nobody labelled (per predicted box)
     swapped         a given box sits where a confident prediction of another class is (per given box)
     badly_located   a given box overlaps its best same-class prediction (score > 0.5) only a little
                     (per given box)
+
+When the run has box losses, the kind comes from the loss signals instead (`_loss_kind`).
 
 cleanlab's inputs are built in memory from the prediction table and the dataset reloaded from the
 run's ``config.json`` (pickles from a run dir are never loaded: unpickling a file from someone
@@ -33,11 +39,13 @@ Columns of ``label_issues.parquet`` / ``.csv`` (`LABEL_ISSUE_COLUMNS`), one row 
     fold            int32   fold whose model predicted the image (-1 if unknown)
     quality_score   float64 cleanlab's label quality score in [0, 1]
     is_issue        bool    cleanlab flags the image (``find_label_issues``)
-    issue_kind      string  overlooked | swapped | badly_located | "" (no sign of a problem)
+    issue_kind      string  overlooked | swapped | badly_located | "" (no sign of a problem):
+                            from the box losses when the run has them (`_loss_kind`), else
+                            from cleanlab's subtype scores
     overlooked_score, swap_score, badloc_score  float64 pooled subtype scores (1 = no sign of it)
     num_given       int32   given (non-crowd) boxes
     num_predicted   int32   predicted boxes
-    boxes           string  JSON list of the boxes concerned, worst first (see `_box_records`)
+    boxes           string  JSON list of the boxes concerned, worst first (see `_record`)
     loss_score, unmatched_score, combined_score  float64  out-of-fold loss inspection and
                     unmatched confident predictions, and their combination (see `_loss_signals`);
                     higher = more likely wrong

@@ -193,7 +193,7 @@ def _diagnose(run, in_sample: bool, clean_annotations: Path, injected: list[dict
 
     from kfold_ray._dataset import load_coco
     from kfold_ray._outputs import cleanlab_predictions
-    from kfold_ray._report import _iou_matrix, auxiliary_inputs
+    from kfold_ray._objectlab import _iou_matrix, auxiliary_inputs
 
     ds = run.dataset
     table = pq.read_table(run.run_dir / ("in_sample" if in_sample else "") / "predictions.parquet")

@@ -97,7 +97,7 @@ def child(args: argparse.Namespace) -> None:
         from cleanlab.object_detection import rank as cl_rank
 
         from kfold_ray._outputs import cleanlab_predictions
-        from kfold_ray._report import auxiliary_inputs
+        from kfold_ray._objectlab import auxiliary_inputs
 
         labels = ds.cleanlab_labels()
         predictions = cleanlab_predictions(table, num_images=ds.num_images, num_classes=ds.num_classes)

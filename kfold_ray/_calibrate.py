@@ -36,7 +36,7 @@ _EPS = 1e-6  # calibrated scores stay in [_EPS, 1]: a zero would read as "no pre
 
 
 def calibrate_scores(aux: list[dict[str, Any]], group_of_image: np.ndarray) -> np.ndarray:
-    """Replace each image's ``pred_label_probs`` in ``aux`` (`kfold_ray._report.auxiliary_inputs`)
+    """Replace each image's ``pred_label_probs`` in ``aux`` (`kfold_ray._objectlab.auxiliary_inputs`)
     by its cross-fitted calibrated scores, keeping the raw ones as ``raw_label_probs``.
 
     Args:

@@ -7,7 +7,7 @@ each threshold and shipping every image's boxes of every class to it (benchmarks
 ``get_label_quality_scores`` rebuilds the auxiliary inputs once more. Its per-box
 ``compute_overlooked_box_scores`` and ``compute_swap_box_scores`` recompute each image's IoU
 matrix in Python even when given it, box pair by box pair (~3 ms per image of 100 detections).
-Here all of it comes from the auxiliary inputs built once (`kfold_ray._report.auxiliary_inputs`),
+Here all of it comes from the auxiliary inputs built once (`auxiliary_inputs`),
 per image in numpy, in one process, with cleanlab's constants, formulas and dtypes; tests check
 every output against cleanlab's on random data.
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["box_scores", "find_label_issues", "label_quality_scores", "per_class_ap"]
+__all__ = ["auxiliary_inputs", "box_scores", "find_label_issues", "label_quality_scores", "per_class_ap"]
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # as cleanlab's _get_per_class_ap
 
@@ -66,8 +66,6 @@ def box_scores(aux: list[dict[str, Any]]) -> dict[str, list[np.ndarray]]:
 def _label_iou(boxes: np.ndarray) -> np.ndarray:
     """(L, L) IoU of an image's given boxes with each other, as cleanlab computes it."""
     from cleanlab.internal.constants import EPSILON
-
-    from ._report import _iou_matrix
 
     return _iou_matrix(boxes, boxes, EPSILON)
 
@@ -178,3 +176,58 @@ def _average_precision(tp: np.ndarray, num_gts: int) -> np.float32:
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # the precision envelope
     steps = np.flatnonzero(mrec[1:] != mrec[:-1])
     return np.float32(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def auxiliary_inputs(labels: list[dict[str, np.ndarray]],
+                     predictions: list[list[np.ndarray]]) -> list[dict[str, Any]]:
+    """cleanlab's per-image ``auxiliary_inputs`` (what ``rank._get_valid_inputs_for_compute_scores``
+    builds with a Python loop per box pair), computed with numpy.
+
+    Per image: ``pred_bboxes`` float64 (M, 4), ``pred_labels`` int64 (M,), ``pred_label_probs``
+    float64 (M,) (predicted boxes in class order, then table order, as cleanlab flattens them),
+    ``lab_bboxes`` (L, 4), ``lab_labels`` (L,), ``iou_matrix`` and ``similarity_matrix`` float64
+    (L, M), and ``min_possible_similarity``: the smallest non-zero similarity of the whole dataset.
+    """
+    from cleanlab.internal.constants import ALPHA, EPSILON, EUC_FACTOR
+
+    out = []
+    min_similarity = 1.0
+    for label, prediction in zip(labels, predictions):
+        counts = [len(p) for p in prediction]
+        flat = (np.concatenate(prediction).astype(np.float64) if sum(counts)
+                else np.zeros((0, 5), dtype=np.float64))
+        lab = np.asarray(label["bboxes"], dtype=np.float64).reshape(-1, 4)
+        pred = flat[:, :4]
+        iou = _iou_matrix(lab, pred, EPSILON)
+        centre = lambda b: np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=1)  # noqa: E731
+        dist = np.linalg.norm(centre(lab)[:, None, :] - centre(pred)[None, :, :], axis=2)
+        similarity = iou * ALPHA + (1 - ALPHA) * np.exp(-dist * EUC_FACTOR)
+        nonzero = similarity[similarity != 0]
+        if nonzero.size:
+            min_similarity = min(min_similarity, float(nonzero.min()))
+        out.append({
+            "pred_labels": np.repeat(np.arange(len(prediction), dtype=np.int64), counts),
+            "pred_label_probs": flat[:, 4].copy(),
+            "pred_bboxes": pred,
+            "lab_labels": np.asarray(label["labels"], dtype=np.int64),
+            "lab_bboxes": lab,
+            "similarity_matrix": similarity,
+            "iou_matrix": iou,
+        })
+    for a in out:
+        a["min_possible_similarity"] = min_similarity
+    return out
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """float64 (len(a), len(b)) IoU of xyxy boxes, as cleanlab's ``rank._get_iou`` computes it."""
+    left = np.maximum(a[:, None, 0], b[None, :, 0])
+    top = np.maximum(a[:, None, 1], b[None, :, 1])
+    right = np.minimum(a[:, None, 2], b[None, :, 2])
+    bottom = np.minimum(a[:, None, 3], b[None, :, 3])
+    apart = (right < left) | (bottom < top)
+    inter = np.where(apart, 0.0, (right - left) * (bottom - top))
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = np.clip(area_a[:, None] + area_b[None, :] - inter, eps, None)
+    return np.where(apart, 0.0, inter / union)

@@ -22,7 +22,7 @@ problem is most likely, and on which boxes:
     badly_located   a given box overlaps its best same-class prediction (score > 0.5) only a little
                     (per given box)
 
-When the run has box losses, the kind comes from the loss signals instead (`_loss_kind`).
+When the run has box losses, the kind comes from the loss signals instead (`kfold_ray._issue_kinds`).
 
 cleanlab's inputs are built in memory from the prediction table and the dataset reloaded from the
 run's ``config.json`` (pickles from a run dir are never loaded: unpickling a file from someone
@@ -40,12 +40,12 @@ Columns of ``label_issues.parquet`` / ``.csv`` (`LABEL_ISSUE_COLUMNS`), one row 
     quality_score   float64 cleanlab's label quality score in [0, 1]
     is_issue        bool    cleanlab flags the image (``find_label_issues``)
     issue_kind      string  overlooked | swapped | badly_located | "" (no sign of a problem):
-                            from the box losses when the run has them (`_loss_kind`), else
+                            from the box losses when the run has them (`kfold_ray._issue_kinds`), else
                             from cleanlab's subtype scores
     overlooked_score, swap_score, badloc_score  float64 pooled subtype scores (1 = no sign of it)
     num_given       int32   given (non-crowd) boxes
     num_predicted   int32   predicted boxes
-    boxes           string  JSON list of the boxes concerned, worst first (see `_record`)
+    boxes           string  JSON list of the boxes concerned, worst first (see `_issue_kinds._record`)
     loss_score, unmatched_score, combined_score  float64  out-of-fold loss inspection and
                     unmatched confident predictions, and their combination (see `_loss_signals`);
                     higher = more likely wrong
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -68,6 +67,8 @@ import pyarrow as pa
 from . import _rundir
 from ._atomic import atomic_path
 from ._exceptions import ConfigError, DatasetError, KfoldRayError
+from ._issue_kinds import LOSS_TERMS, UNMATCHED_IOU, explain_images, rank_fraction, raw_probs
+from ._objectlab import auxiliary_inputs
 from ._storage import Storage
 
 if TYPE_CHECKING:
@@ -76,7 +77,6 @@ if TYPE_CHECKING:
 __all__ = [
     "CALIBRATE_DEFAULT",
     "INJECTED_ERRORS",
-    "ISSUE_KINDS",
     "LABEL_ISSUE_COLUMNS",
     "FinishedRun",
     "injected_errors_of",
@@ -96,8 +96,6 @@ PREDICTIONS = _rundir.PREDICTIONS_PARQUET
 _REPORT_INPUTS = (_rundir.RUN_STATE, _rundir.CONFIG, _rundir.METRICS, _rundir.FOLD_PLAN, PREDICTIONS,
                   f"{IN_SAMPLE_DIR}/{PREDICTIONS}", _rundir.BOX_LOSSES_PARQUET,
                   f"{IN_SAMPLE_DIR}/{_rundir.BOX_LOSSES_PARQUET}")
-#: A prediction overlapping no given box above this IoU is "unmatched" (a possibly missing label).
-UNMATCHED_IOU = 0.5
 #: Whether the ranking calibrates scores by default (`kfold_ray._calibrate`). Off: on the example
 #: (benchmarks/README.md, "Finding label errors") it lifts cleanlab's AUROC (0.55 -> 0.70 at 150
 #: iterations, 0.59 -> 0.68 at 300) but leaves the default order (combined_score) as it was, and
@@ -105,15 +103,8 @@ UNMATCHED_IOU = 0.5
 #: exceed the labels' accuracy, so 0.99 becomes ~0.9, under cleanlab's 0.95 threshold, and the
 #: errors it found before are missed (tests/test_calibrate.py).
 CALIBRATE_DEFAULT = False
-_LOSS_TERMS = ("loss_cls", "loss_box_reg", "p_given", "p_background")
 _SIGNAL_COLUMNS = ("loss_score", "unmatched_score", "combined_score")
 
-ISSUE_KINDS: tuple[str, ...] = ("overlooked", "swapped", "badly_located")
-#: A per-box subtype score below this is evidence of that kind of problem on that box. Overlooked
-#: scores of candidate boxes are always <= 0.1 (they overlap no given box); a swap score < 0.5
-#: means a confident other-class prediction overlaps the box well; a badloc score < 0.5 means the
-#: best same-class prediction overlaps it with IoU below ~0.5.
-KIND_CUT = 0.5
 
 LABEL_ISSUE_SCHEMA = pa.schema([
     ("rank", pa.int32()),
@@ -352,7 +343,7 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
     is_issue = find_label_issues(aux, per_box, dataset.num_classes)
     losses = _losses_per_box(dataset, box_losses) if box_losses is not None else None
     signals = _loss_signals(dataset.num_images, aux, box_losses)
-    kinds, boxes = _explain(dataset, aux, per_box, pooled, is_issue, losses, signals)
+    kinds, boxes = explain_images(dataset, aux, per_box, pooled, is_issue, losses, signals)
     # Worst first. With the fold models' box losses, by the combined loss/unmatched signal (it
     # finds errors where cleanlab's thresholds see nothing: benchmarks/README.md), cleanlab's
     # quality breaking ties; else by quality alone. Ties keep dataset order.
@@ -396,7 +387,7 @@ def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
 
     unmatched = np.zeros(n, dtype=np.float64)
     for i, a in enumerate(aux):
-        probs = _raw_probs(a)
+        probs = raw_probs(a)
         if probs.size:
             iou = a["iou_matrix"]
             free = np.ones(probs.size, dtype=bool) if iou.shape[0] == 0 else iou.max(axis=0) < UNMATCHED_IOU
@@ -408,18 +399,13 @@ def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
         total = (box_losses.column("loss_cls").to_numpy().astype(np.float64)
                  + box_losses.column("loss_box_reg").to_numpy().astype(np.float64))
         np.maximum.at(loss, images, total)
-    combined = (np.maximum(_rank_fraction(loss), _rank_fraction(unmatched))
+    combined = (np.maximum(rank_fraction(loss), rank_fraction(unmatched))
                 if box_losses is not None else loss)
     return {"loss_score": loss, "unmatched_score": unmatched, "combined_score": combined}
 
 
-def _raw_probs(a: dict[str, Any]) -> np.ndarray:
-    """An image's prediction scores as the model gave them (before any calibration)."""
-    return a.get("raw_label_probs", a["pred_label_probs"])
-
-
 def _losses_per_box(dataset: CocoDataset, box_losses: pa.Table) -> dict[str, np.ndarray]:
-    """The loss terms (`_LOSS_TERMS`) of every given (non-crowd) box, float64 (num kept boxes,),
+    """The loss terms (`LOSS_TERMS`) of every given (non-crowd) box, float64 (num kept boxes,),
     in the order of cleanlab's labels (image by image); NaN for a box without a row."""
     keep = ~np.asarray(dataset.iscrowd, dtype=bool)
     kept_before = np.concatenate([[0], np.cumsum(keep)])
@@ -435,7 +421,7 @@ def _losses_per_box(dataset: CocoDataset, box_losses: pa.Table) -> dict[str, np.
         box_losses = box_losses.filter(pa.array(found))
     ok = keep[rows]
     out = {}
-    for name in _LOSS_TERMS:
+    for name in LOSS_TERMS:
         column = np.full(int(keep.sum()), np.nan)
         if name in box_losses.column_names:
             column[kept_before[rows[ok]]] = box_losses.column(name).to_numpy()[ok].astype(np.float64)
@@ -449,256 +435,6 @@ def _fold_from_table(table: pa.Table, num_images: int) -> np.ndarray:
         img = table.column("image_index").to_numpy().astype(np.int64)
         fold[img] = table.column("fold").to_numpy().astype(np.int64)
     return fold
-
-
-# ---- cleanlab's auxiliary inputs, vectorized ---------------------------------------------------------
-def auxiliary_inputs(labels: list[dict[str, np.ndarray]],
-                     predictions: list[list[np.ndarray]]) -> list[dict[str, Any]]:
-    """cleanlab's per-image ``auxiliary_inputs`` (what ``rank._get_valid_inputs_for_compute_scores``
-    builds with a Python loop per box pair), computed with numpy.
-
-    Per image: ``pred_bboxes`` float64 (M, 4), ``pred_labels`` int64 (M,), ``pred_label_probs``
-    float64 (M,) (predicted boxes in class order, then table order, as cleanlab flattens them),
-    ``lab_bboxes`` (L, 4), ``lab_labels`` (L,), ``iou_matrix`` and ``similarity_matrix`` float64
-    (L, M), and ``min_possible_similarity``: the smallest non-zero similarity of the whole dataset.
-    """
-    from cleanlab.internal.constants import ALPHA, EPSILON, EUC_FACTOR
-
-    out = []
-    min_similarity = 1.0
-    for label, prediction in zip(labels, predictions):
-        counts = [len(p) for p in prediction]
-        flat = (np.concatenate(prediction).astype(np.float64) if sum(counts)
-                else np.zeros((0, 5), dtype=np.float64))
-        lab = np.asarray(label["bboxes"], dtype=np.float64).reshape(-1, 4)
-        pred = flat[:, :4]
-        iou = _iou_matrix(lab, pred, EPSILON)
-        centre = lambda b: np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=1)  # noqa: E731
-        dist = np.linalg.norm(centre(lab)[:, None, :] - centre(pred)[None, :, :], axis=2)
-        similarity = iou * ALPHA + (1 - ALPHA) * np.exp(-dist * EUC_FACTOR)
-        nonzero = similarity[similarity != 0]
-        if nonzero.size:
-            min_similarity = min(min_similarity, float(nonzero.min()))
-        out.append({
-            "pred_labels": np.repeat(np.arange(len(prediction), dtype=np.int64), counts),
-            "pred_label_probs": flat[:, 4].copy(),
-            "pred_bboxes": pred,
-            "lab_labels": np.asarray(label["labels"], dtype=np.int64),
-            "lab_bboxes": lab,
-            "similarity_matrix": similarity,
-            "iou_matrix": iou,
-        })
-    for a in out:
-        a["min_possible_similarity"] = min_similarity
-    return out
-
-
-def _iou_matrix(a: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    """float64 (len(a), len(b)) IoU of xyxy boxes, as cleanlab's ``rank._get_iou`` computes it."""
-    left = np.maximum(a[:, None, 0], b[None, :, 0])
-    top = np.maximum(a[:, None, 1], b[None, :, 1])
-    right = np.minimum(a[:, None, 2], b[None, :, 2])
-    bottom = np.minimum(a[:, None, 3], b[None, :, 3])
-    apart = (right < left) | (bottom < top)
-    inter = np.where(apart, 0.0, (right - left) * (bottom - top))
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = np.clip(area_a[:, None] + area_b[None, :] - inter, eps, None)
-    return np.where(apart, 0.0, inter / union)
-
-
-# ---- which kind, which boxes ------------------------------------------------------------------------
-def _explain(dataset: CocoDataset, aux: list[dict[str, Any]], per_box: dict[str, list[np.ndarray]],
-             pooled: dict[str, np.ndarray], is_issue: np.ndarray,
-             losses: dict[str, np.ndarray] | None = None,
-             signals: dict[str, np.ndarray] | None = None) -> tuple[list[str], list[str]]:
-    """Per image: the most likely kind of problem and the JSON list of the boxes concerned.
-
-    With the fold models' box losses, the kind comes from the per-box signals (`_loss_kind`) and
-    its box comes first. Without, it is the cleanlab subtype with the lowest pooled score, named
-    when cleanlab flags the image or some box shows evidence (a per-box score below `KIND_CUT`);
-    else "". The boxes are those of any cleanlab kind with evidence, plus the worst box of the
-    named kind, sorted by their per-box score.
-    """
-    keep = ~np.asarray(dataset.iscrowd, dtype=bool)
-    kept_before = np.concatenate([[0], np.cumsum(keep)])
-    ann_ids = dataset.ann_ids[keep]
-    starts = kept_before[dataset.ann_offsets[:-1]]
-    names = dataset.class_names
-    stacked = np.stack([pooled[k] for k in ISSUE_KINDS], axis=1)  # (N, 3)
-    fractions = outliers = None
-    if losses is not None and signals is not None:
-        fractions = (_rank_fraction(signals["loss_score"]), _rank_fraction(signals["unmatched_score"]))
-        outliers = (_tukey_outliers(signals["loss_score"]), _tukey_outliers(signals["unmatched_score"]))
-    kinds, boxes = [], []
-    for i, a in enumerate(aux):
-        scores = {k: np.asarray(per_box[k][i], dtype=np.float64) for k in ISSUE_KINDS}
-        ids = ann_ids[starts[i]:]
-        if fractions is not None:
-            terms = {t: losses[t][starts[i]:starts[i] + len(a["lab_labels"])] for t in _LOSS_TERMS}
-            kind, j = _loss_kind(a, terms, (fractions[0][i], outliers[0][i]),
-                                 (fractions[1][i], outliers[1][i]))
-            first = [_record(a, kind, j, scores, ids, names, terms)] if kind else []
-            records = first + [r for r in _box_records(a, scores, "", ids, names)
-                               if not first or _box_key(r) != _box_key(first[0])]
-        else:
-            evidence = any(np.any(s[~np.isnan(s)] < KIND_CUT) for s in scores.values())
-            kind = ISSUE_KINDS[int(np.argmin(stacked[i]))] if (is_issue[i] or evidence) else ""
-            if kind and stacked[i].min() >= 1.0:
-                kind = ""  # flagged by cleanlab's thresholds, yet no subtype shows anything
-            records = _box_records(a, scores, kind, ids, names)
-        kinds.append(kind)
-        boxes.append(json.dumps(records, separators=(",", ":")))
-    return kinds, boxes
-
-
-def _rank_fraction(x: np.ndarray) -> np.ndarray:
-    """Each value's rank among ``x`` as a fraction in [0, 1] (ties share their mean rank)."""
-    from scipy.stats import rankdata
-
-    return (rankdata(x) - 1) / max(len(x) - 1, 1)
-
-
-def _tukey_outliers(x: np.ndarray) -> np.ndarray:
-    """bool: the values above Tukey's fence (Q3 + 1.5 IQR) of ``x``: evidence, whatever the scale
-    of the signal (a loss in nats, a detection score) or the strength of the models."""
-    q1, q3 = np.percentile(x, [25, 75])
-    return x > q3 + 1.5 * (q3 - q1)
-
-
-def _loss_kind(a: dict[str, Any], terms: dict[str, np.ndarray], loss: tuple[float, bool],
-               unmatched: tuple[float, bool]) -> tuple[str, int]:
-    """(kind, box) from the per-box signals; the box is the given box index (swapped,
-    badly_located) or the prediction index (overlooked); ("", -1) without evidence.
-
-    ``loss`` and ``unmatched`` are the image's (rank fraction, outlier) for loss_score and
-    unmatched_score: a signal is evidence when it is an outlier of its distribution over the
-    dataset (`_tukey_outliers`); with both, the one ranking the image worse (the one
-    `combined_score` took) names the problem:
-
-    overlooked      its best prediction overlapping no given box
-    swapped         its worst given box (largest loss_cls + loss_box_reg), where the fold model
-                    sees another object rather than background (the rest of its probability,
-                    1 - p_given - p_background, outweighs p_background) or predicts another class
-                    over the box (IoU >= 0.5) above every prediction of the given class
-    badly_located   that box otherwise: the model sees background in it (a shifted box)
-    """
-    if not (loss[1] or unmatched[1]):
-        return "", -1
-    probs = _raw_probs(a)
-    if unmatched[1] and (not loss[1] or unmatched[0] >= loss[0]):
-        iou = a["iou_matrix"]
-        free = np.ones(probs.size, dtype=bool) if iou.shape[0] == 0 else iou.max(axis=0) < UNMATCHED_IOU
-        return "overlooked", int(np.flatnonzero(free)[np.argmax(probs[free])])
-    total = terms["loss_cls"] + terms["loss_box_reg"]
-    j = int(np.nanargmax(total))
-    p_given, p_background = terms["p_given"][j], terms["p_background"][j]
-    other = 1.0 - p_given - p_background
-    return ("swapped" if other > p_background or _other_class_wins(a, j) else "badly_located"), j
-
-
-def _other_class_wins(a: dict[str, Any], j: int) -> bool:
-    """A prediction of another class covers given box j (IoU >= 0.5) and scores above every
-    prediction of the given class that does."""
-    covers = a["iou_matrix"][j] >= UNMATCHED_IOU
-    probs = _raw_probs(a)
-    same = a["pred_labels"] == a["lab_labels"][j]
-    return probs[covers & ~same].max(initial=0.0) > probs[covers & same].max(initial=0.0)
-
-
-def _box_key(record: dict[str, Any]) -> tuple:
-    return (record["kind"], record["source"], record.get("annotation_id"), tuple(record["bbox"]))
-
-
-def _box_records(a: dict[str, Any], scores: dict[str, np.ndarray], kind: str,
-                 ann_ids: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
-    """JSON-ready records (`_record`) of an image's boxes with cleanlab evidence (a per-box score
-    below `KIND_CUT`), plus the worst box of ``kind``, worst first."""
-    chosen: list[tuple[float, str, int]] = []
-    for k in ISSUE_KINDS:
-        s = scores[k]
-        valid = np.flatnonzero(~np.isnan(s))
-        chosen += [(float(s[j]), k, int(j)) for j in valid if s[j] < KIND_CUT]
-        if k == kind and valid.size and not any(c[1] == k for c in chosen):
-            j = int(valid[np.argmin(s[valid])])
-            chosen.append((float(s[j]), k, j))
-    chosen.sort(key=lambda c: (c[0], ISSUE_KINDS.index(c[1]), c[2]))
-    return [_record(a, k, j, scores, ann_ids, names) for _, k, j in chosen]
-
-
-def _record(a: dict[str, Any], kind: str, j: int, scores: dict[str, np.ndarray],
-            ann_ids: np.ndarray, names: list[str],
-            terms: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """One box concerned, JSON-ready.
-
-    overlooked: ``{"kind", "source": "predicted", "bbox", "class", "class_index", "score",
-    "box_score"}``; swapped and badly_located: ``{"kind", "source": "given", "annotation_id",
-    "bbox", "class", "class_index", "box_score", "predicted": {"bbox", "class", "class_index",
-    "score"} or null}`` where ``predicted`` is the prediction the given box was compared with
-    (`_compared_with`). ``box_score`` is cleanlab's per-box subtype score (lower = more likely
-    wrong); ``score`` is the model's own (raw) score, and ``calibrated_score`` is added when the
-    ranking calibrated it. A record named by the box losses also has ``loss_cls``,
-    ``loss_box_reg``, ``p_given``, ``p_background`` (given boxes).
-    """
-    box_score = _num(scores[kind][j]) if j < len(scores[kind]) else None
-    if kind == "overlooked":
-        c = int(a["pred_labels"][j])
-        return {"kind": kind, "source": "predicted", "bbox": _box(a["pred_bboxes"][j]),
-                "class": names[c], "class_index": c, **_scores_of(a, j), "box_score": box_score}
-    c = int(a["lab_labels"][j])
-    m = _compared_with(a, kind, j)
-    predicted = None
-    if m >= 0:
-        pc = int(a["pred_labels"][m])
-        predicted = {"bbox": _box(a["pred_bboxes"][m]), "class": names[pc], "class_index": pc,
-                     **_scores_of(a, m)}
-    out = {"kind": kind, "source": "given", "annotation_id": int(ann_ids[j]),
-           "bbox": _box(a["lab_bboxes"][j]), "class": names[c], "class_index": c,
-           "box_score": box_score, "predicted": predicted}
-    if terms is not None:
-        out.update({t: _num(terms[t][j]) for t in _LOSS_TERMS})
-    return out
-
-
-def _compared_with(a: dict[str, Any], kind: str, j: int) -> int:
-    """The prediction given box j was compared with, or -1: for a swap, the most similar confident
-    prediction of another class (cleanlab's rule), else the best-overlapping one of another class;
-    for a bad location, the most similar same-class prediction scoring > 0.5 that overlaps it
-    (cleanlab's rule), else the best-overlapping one of its class."""
-    from cleanlab.internal.constants import (
-        HIGH_PROBABILITY_THRESHOLD,
-        LOW_PROBABILITY_THRESHOLD,
-    )
-
-    same = a["pred_labels"] == a["lab_labels"][j]
-    overlaps = a["iou_matrix"][j] > 0
-    if kind == "swapped":
-        strict, loose = ~same & (a["pred_label_probs"] > HIGH_PROBABILITY_THRESHOLD), ~same & overlaps
-    else:
-        strict = same & (a["pred_label_probs"] > LOW_PROBABILITY_THRESHOLD) & overlaps
-        loose = same & overlaps
-    if strict.any():
-        return int(np.flatnonzero(strict)[np.argmax(a["similarity_matrix"][j][strict])])
-    if loose.any():
-        return int(np.flatnonzero(loose)[np.argmax(a["iou_matrix"][j][loose])])
-    return -1
-
-
-def _scores_of(a: dict[str, Any], m: int) -> dict[str, float | None]:
-    raw = _raw_probs(a)
-    out = {"score": _num(raw[m])}
-    if raw is not a["pred_label_probs"]:
-        out["calibrated_score"] = _num(a["pred_label_probs"][m])
-    return out
-
-
-def _box(b: np.ndarray) -> list[float]:
-    return [round(float(v), 2) for v in b]
-
-
-def _num(v: float) -> float | None:
-    v = float(v)
-    return None if math.isnan(v) else round(v, 6)
 
 
 # ---- known errors (the example's answer key) -----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Stage "report", part 2: a self-contained page a person can look at.
+"""Stage "report", part 3: a self-contained page a person can look at.
 
 `write_report` writes ``RUN_DIR/report/``:
 
@@ -25,12 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from ._atomic import atomic_path, write_text
-from ._report import (
-    INJECTED_ERRORS,
-    ISSUE_KINDS,
-    injected_errors_of,
-    score_against_injected,
-)
+from ._issue_kinds import ISSUE_KINDS
+from ._report import INJECTED_ERRORS, injected_errors_of, score_against_injected
 
 if TYPE_CHECKING:
     from ._report import FinishedRun

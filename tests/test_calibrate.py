@@ -17,7 +17,8 @@ from kfold_ray._calibrate import (
     prediction_is_right,
 )
 from kfold_ray._dataset import load_coco
-from kfold_ray._report import auxiliary_inputs, rank_label_issues
+from kfold_ray._objectlab import auxiliary_inputs
+from kfold_ray._report import rank_label_issues
 from kfold_ray._schema import make_prediction_batch
 
 

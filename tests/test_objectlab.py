@@ -11,7 +11,7 @@ from kfold_ray._objectlab import (
     label_quality_scores,
     per_class_ap,
 )
-from kfold_ray._report import auxiliary_inputs
+from kfold_ray._objectlab import auxiliary_inputs
 
 
 def _random_dataset(seed: int, n_images: int = 60, num_classes: int = 4):

@@ -25,12 +25,8 @@ from fakes import EchoBackend
 from kfold_ray import run_cv
 from kfold_ray._cli import main
 from kfold_ray._dataset import load_coco
-from kfold_ray._report import (
-    LABEL_ISSUE_COLUMNS,
-    auxiliary_inputs,
-    open_run,
-    rank_label_issues,
-)
+from kfold_ray._objectlab import auxiliary_inputs
+from kfold_ray._report import LABEL_ISSUE_COLUMNS, open_run, rank_label_issues
 from kfold_ray._schema import DETECTION_SCHEMA, make_prediction_batch
 
 CATEGORIES = ["<b>cat</b>", "dog & co", 'say "hi"']  # HTML must escape them

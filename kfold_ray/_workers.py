@@ -41,7 +41,6 @@ def run_on_workers(backend: FoldBackend, task: FoldTask, dataset: CocoDataset) -
     """Run ``task`` on ``task.workers`` Ray Train workers; yield their events as one fold's."""
     import ray
     from ray.util.queue import Queue
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # The queue reserves no CPU (a full cluster must not keep it from starting) and lives on the

@@ -85,7 +85,7 @@ def _run_cv(args, root: Path, annotations: Path, images: Path, workers: int,
     from kfold_ray import run_cv
 
     if gpus is None:
-        gpus = float(workers) if _gpus() >= 2 * workers else 0.0
+        gpus = float(workers) if _gpus() >= workers else 0.0  # one GPU per worker, else CPU
     ray.init(address="local", num_cpus=max(2, 2 * workers), include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     try:

@@ -20,6 +20,7 @@ raised is re-raised as is (an out-of-memory or an unreadable image is still not 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 from typing import Any, Iterator
@@ -48,7 +49,8 @@ def run_on_workers(backend: FoldBackend, task: FoldTask, dataset: CocoDataset) -
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     events = Queue(maxsize=QUEUE_EVENTS,
                    actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    trainer = _trainer(backend, task, ray.put(dataset), events)
+    scratch = tempfile.mkdtemp(prefix="kfold-ray-train-")
+    trainer = _trainer(backend, task, ray.put(dataset), events, scratch)
     failure: list[BaseException] = []
 
     def fit() -> None:
@@ -76,11 +78,12 @@ def run_on_workers(backend: FoldBackend, task: FoldTask, dataset: CocoDataset) -
                 total = len(np.asarray(task.holdout_indices))
             yield event
     thread.join()
+    shutil.rmtree(scratch, ignore_errors=True)
     if failure:
         raise worker_error(failure[0])
 
 
-def _trainer(backend: FoldBackend, task: FoldTask, dataset_ref: Any, events: Any):
+def _trainer(backend: FoldBackend, task: FoldTask, dataset_ref: Any, events: Any, scratch: str):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -97,7 +100,7 @@ def _trainer(backend: FoldBackend, task: FoldTask, dataset_ref: Any, events: Any
             # Shown in the Ray dashboard's Train view. Nothing is stored through Ray Train (the
             # backend mirrors its checkpoints itself), so its folder is node-local scratch.
             name=f"kfold-ray-{task.run_name}-fold{task.fold}-try{task.attempt}",
-            storage_path=tempfile.mkdtemp(prefix="kfold-ray-train-"),
+            storage_path=scratch,
             failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
         ),
     )

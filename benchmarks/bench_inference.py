@@ -20,8 +20,8 @@ import numpy as np
 
 
 def _dataset(root: Path, n: int, size: int):
-    from kfold_ray._dataset import load_coco
-    from kfold_ray._example import make_digits_example
+    from kfold_ray.data._dataset import load_coco
+    from kfold_ray.data._example import make_digits_example
 
     ex = make_digits_example(root, n_images=n, image_size=size)
     return load_coco(ex.annotations_path, ex.image_dir)

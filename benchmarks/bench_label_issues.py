@@ -1,14 +1,14 @@
 """How well each label-error signal finds known label errors: out-of-fold vs in-sample predictions.
 
-On the built-in digits example (`kfold_ray._example.make_digits_example`: handwritten digits with
+On the built-in digits example (`kfold_ray.data._example.make_digits_example`: handwritten digits with
 ~10 % of the images given one recorded label error: a swapped class, a missing box or a shifted
 box), one `run_cv(..., in_sample=True)` with the example's own config (`kfold-ray example`: the
 tiny preset; only --max-iter changes) trains the K fold models AND one model on every image (same
-model, same iterations). Each set of predictions is then ranked by `kfold_ray._report`, and each
+model, same iterations). Each set of predictions is then ranked by `kfold_ray.report._rank`, and each
 signal (one score per image, higher = more likely wrong) is scored:
 
     cleanlab raw         1 - cleanlab's label quality score on the raw predictions
-    cleanlab calibrated  the same on cross-fitted, per-class calibrated scores (kfold_ray._calibrate)
+    cleanlab calibrated  the same on cross-fitted, per-class calibrated scores (kfold_ray.report._calibrate)
     loss                 loss_score: worst given box's loss_cls + loss_box_reg (box_losses.parquet)
     unmatched            unmatched_score: best prediction overlapping no given box
     combined             combined_score: the larger rank fraction of the two (the default ranking)
@@ -50,7 +50,7 @@ EXPECTED_KIND = {"missing": "overlooked", "swapped": "swapped", "shifted": "badl
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from kfold_ray._example import make_digits_example
+    from kfold_ray.data._example import make_digits_example
 
     data = make_digits_example(args.out / "data", n_images=args.images, image_size=args.image_size,
                                seed=args.seed, corrupt_fraction=args.corrupt_fraction)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         _train(args, data, run_dir)
     train_s = None if reused else time.perf_counter() - started
 
-    from kfold_ray._report import open_run
+    from kfold_ray.report._finished_run import open_run
 
     run = open_run(run_dir)
     results = {}
@@ -112,7 +112,7 @@ def _train(args, data, run_dir: Path) -> None:
     import ray
 
     from kfold_ray import run_cv
-    from kfold_ray._example import EXAMPLE_MODEL, example_overrides
+    from kfold_ray.data._example import EXAMPLE_MODEL, example_overrides
 
     # The example's own config (`kfold-ray example`): only the iterations change with --max-iter.
     run_cv(data.annotations_path, args.k, image_root=data.image_dir, model=EXAMPLE_MODEL,
@@ -128,7 +128,7 @@ SIGNALS = ("cleanlab raw", "cleanlab calibrated", "loss", "unmatched", "combined
 
 def _rank_and_score(run, in_sample: bool, injected: list[dict]) -> dict:
     """Rank once with raw and once with calibrated scores; score every signal."""
-    from kfold_ray._report import label_issues_for_run
+    from kfold_ray.report._rank import label_issues_for_run
 
     t = time.perf_counter()
     raw = label_issues_for_run(run, in_sample=in_sample, calibrate=False, write=False)
@@ -191,9 +191,9 @@ def _diagnose(run, in_sample: bool, clean_annotations: Path, injected: list[dict
     from cleanlab.object_detection import rank as cl_rank
     from sklearn.metrics import roc_auc_score
 
-    from kfold_ray._dataset import load_coco
-    from kfold_ray._outputs import cleanlab_predictions
-    from kfold_ray._objectlab import _iou_matrix, auxiliary_inputs
+    from kfold_ray.data._dataset import load_coco
+    from kfold_ray.outputs._writers import cleanlab_predictions
+    from kfold_ray.report._objectlab import _iou_matrix, auxiliary_inputs
 
     ds = run.dataset
     table = pq.read_table(run.run_dir / ("in_sample" if in_sample else "") / "predictions.parquet")

@@ -59,10 +59,10 @@ def main() -> None:
     import torch
 
     from kfold_ray._config import TrainConfig
-    from kfold_ray._dataset import load_coco
+    from kfold_ray.data._dataset import load_coco
     from kfold_ray.detectron2 import Detectron2Backend
     from kfold_ray.detectron2._data import register_split
-    from kfold_ray._example import make_digits_example
+    from kfold_ray.data._example import make_digits_example
 
     torch.set_num_threads(args.cpus)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -96,8 +96,8 @@ def child(args: argparse.Namespace) -> None:
         from cleanlab.object_detection import filter as cl_filter
         from cleanlab.object_detection import rank as cl_rank
 
-        from kfold_ray._outputs import cleanlab_predictions
-        from kfold_ray._objectlab import auxiliary_inputs
+        from kfold_ray.outputs._writers import cleanlab_predictions
+        from kfold_ray.report._objectlab import auxiliary_inputs
 
         labels = ds.cleanlab_labels()
         predictions = cleanlab_predictions(table, num_images=ds.num_images, num_classes=ds.num_classes)
@@ -108,7 +108,7 @@ def child(args: argparse.Namespace) -> None:
                   cl_rank.compute_badloc_box_scores):
             f(auxiliary_inputs=aux)
     else:
-        from kfold_ray._report import rank_label_issues
+        from kfold_ray.report._rank import rank_label_issues
 
         rank_label_issues(ds, table, fold_of_image=folds, box_losses=losses,
                           calibrate=args.mode == "calibrated")

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kfold_ray._dataset import Category, CocoDataset  # noqa: E402
+from kfold_ray.data._dataset import Category, CocoDataset  # noqa: E402
 from kfold_ray._schema import batch_fold, make_prediction_batch  # noqa: E402
 
 
@@ -97,14 +97,14 @@ def peak_rss_mb() -> float:
 
 # ---- the child: stitch + write, measured alone ------------------------------------------------------
 def child(args: argparse.Namespace) -> None:
-    from kfold_ray._outputs import (
+    from kfold_ray.outputs._writers import (
         write_categories,
         write_cleanlab_labels,
         write_cleanlab_predictions,
         write_coco_results,
         write_predictions_parquet,
     )
-    from kfold_ray._reduce import Reducer
+    from kfold_ray.run._reduce import Reducer
 
     ds = synthetic_dataset(args.images, args.classes)
     fold_of_image = fold_assignment(args.images, args.k)
@@ -182,8 +182,8 @@ def baseline(ds: CocoDataset, fold_of_image, k, batches, workdir: Path) -> float
 
 def ours_on_subset(ds, fold_of_image, k, batches, workdir: Path) -> float:
     """Seconds for our route on the same batches: persist, stitch, cleanlab pickle."""
-    from kfold_ray._outputs import write_cleanlab_predictions
-    from kfold_ray._reduce import Reducer
+    from kfold_ray.outputs._writers import write_cleanlab_predictions
+    from kfold_ray.run._reduce import Reducer
 
     t = time.perf_counter()
     reducer = Reducer(workdir)
@@ -196,8 +196,8 @@ def ours_on_subset(ds, fold_of_image, k, batches, workdir: Path) -> float:
 
 
 def metrics_seconds(n: int, classes: int, k: int, dets: int) -> dict[str, float]:
-    from kfold_ray._metrics import coco_metrics
-    from kfold_ray._reduce import stitch
+    from kfold_ray.outputs._metrics import coco_metrics
+    from kfold_ray.run._stitch import stitch
     import pyarrow as pa
 
     ds = synthetic_dataset(n, classes)
@@ -235,7 +235,7 @@ def main() -> None:
     if args.run_dir:
         return child(args)
 
-    from kfold_ray._reduce import Reducer
+    from kfold_ray.run._reduce import Reducer
 
     print(f"{args.images:,} images x {args.detections} detections, {args.classes} classes, k={args.k}, "
           f"batches of {args.batch} images, {os.cpu_count()} CPUs")

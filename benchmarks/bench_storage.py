@@ -34,9 +34,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kfold_ray._reduce import FoldPartStore, Reducer  # noqa: E402
+from kfold_ray.run._parts import FoldPartStore  # noqa: E402
+from kfold_ray.run._reduce import Reducer  # noqa: E402
 from kfold_ray._schema import make_prediction_batch  # noqa: E402
-from kfold_ray._storage import Storage  # noqa: E402
+from kfold_ray.storage._storage import Storage  # noqa: E402
 
 
 def batches(n: int, per_batch: int, dets: int, k: int):

@@ -59,8 +59,8 @@ def _baseline(cfg) -> float:
 
 
 def _ours(cfg, run_dir: Path) -> float:
-    from kfold_ray._checkpoints import CheckpointSync
-    from kfold_ray._storage import Storage
+    from kfold_ray.storage._checkpoints import CheckpointSync
+    from kfold_ray.storage._storage import Storage
     from kfold_ray.detectron2._train import train
 
     sync = CheckpointSync(Storage(run_dir), cfg.OUTPUT_DIR)
@@ -107,8 +107,8 @@ def _gpus() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from kfold_ray._dataset import load_coco
-    from kfold_ray._example import make_digits_example
+    from kfold_ray.data._dataset import load_coco
+    from kfold_ray.data._example import make_digits_example
     from kfold_ray.detectron2._config import import_detectron2
     from kfold_ray.detectron2._data import register_split
     from kfold_ray.detectron2._train import log_to_file

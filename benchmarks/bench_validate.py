@@ -6,7 +6,7 @@
 Data (generated once, cached under ``--cache``): COCO-train's count of 32x32 JPEGs (64 distinct
 files' bytes, ~0.8 KiB each; COCO-like names ``000000000001.jpg``) with one box each, and
 ``--large`` 640x480 JPEGs (~COCO's size, ~150 KiB each). Only the image-file check is timed
-(`_validate_files.check_image_files`, the json already parsed); ``load_coco`` as a whole is timed once.
+(`_files.check_image_files`, the json already parsed); ``load_coco`` as a whole is timed once.
 
 Baselines, in the same process, same thread pool and chunking:
 
@@ -43,9 +43,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kfold_ray import _validate, _validate_files  # noqa: E402
-from kfold_ray._dataset import load_coco  # noqa: E402
-from kfold_ray._storage import open_location  # noqa: E402
+from kfold_ray.data.validate import _files, _json  # noqa: E402
+from kfold_ray.data._dataset import load_coco  # noqa: E402
+from kfold_ray.storage._storage import open_location  # noqa: E402
 
 VARIANTS = 64
 
@@ -92,11 +92,11 @@ def make_dataset(folder: Path, n: int, size: tuple[int, int], variants: int) -> 
     return ann
 
 
-def image_table(ann: Path) -> _validate.ImageTable:
-    return _validate.parse_images(json.loads(ann.read_bytes())["images"], str(ann))
+def image_table(ann: Path) -> _json.ImageTable:
+    return _json.parse_images(json.loads(ann.read_bytes())["images"], str(ann))
 
 
-# ---- the old check, verbatim (kfold_ray/_validate.py before image roots could be URIs) ----------
+# ---- the old check, verbatim (kfold_ray/_json.py before image roots could be URIs) ----------
 def old_check_file(root: Path, name: str, want: tuple[int, int], decode: bool):
     full = root / name
     try:
@@ -146,7 +146,7 @@ def full_decode(root: Path, name: str, want: tuple[int, int], decode: bool):
         return os.stat(root / name).st_size, None if im.size == want else "size", None
 
 
-def s3_old_check(files: _validate_files.ImageFiles):
+def s3_old_check(files: _files.ImageFiles):
     """Download each file whole, then the old check on its bytes."""
 
     def check(name, want):
@@ -158,7 +158,7 @@ def s3_old_check(files: _validate_files.ImageFiles):
     return check
 
 
-def run_pool(check, images: _validate.ImageTable, threads: int) -> float:
+def run_pool(check, images: _json.ImageTable, threads: int) -> float:
     """Seconds to run ``check(name, want)`` on every image, as check_image_files does."""
     n = len(images.file_names)
     chunk = max(1, min(64, -(-n // (4 * threads))))
@@ -231,7 +231,7 @@ def main() -> None:
 
     # (what, images, seconds, old check's seconds, or minus the new check's for a reference row)
     rows: list[tuple[str, int, float, float | None]] = []
-    lt = _validate_files.LOCAL_THREADS
+    lt = _files.LOCAL_THREADS
 
     t = time.perf_counter()
     small = make_dataset(args.cache / f"small-{args.images}", args.images, (32, 32), VARIANTS)
@@ -243,15 +243,15 @@ def main() -> None:
             continue
         images = image_table(ann)
         root = ann.parent / "images"
-        files = _validate_files.ImageFiles(*open_location(root)[:2], str(root))
+        files = _files.ImageFiles(*open_location(root)[:2], str(root))
         n = len(images.file_names)
         kb = sum((root / images.file_names[i]).stat().st_size for i in range(min(n, 256))) / min(n, 256) / 1024
         new = old = float("inf")
         for _ in range(args.repeat):  # interleaved: both see the same load from other jobs
-            new = min(new, timed(lambda: _validate_files.check_image_files(files, images, decode=True, path=str(ann))))
+            new = min(new, timed(lambda: _files.check_image_files(files, images, decode=True, path=str(ann))))
             old = min(old, run_pool(lambda nm, w: old_check_file(root, nm, w, True), images, lt))
         dec = run_pool(lambda nm, w: full_decode(root, nm, w, True), images, lt)
-        lookup = timed(lambda: _validate_files.check_image_files(files, images, decode=False, path=str(ann)), args.repeat)
+        lookup = timed(lambda: _files.check_image_files(files, images, decode=False, path=str(ann)), args.repeat)
         rows += [(f"local {label} ({kb:.1f} KiB), headers", n, new, old),
                  (f"local {label}, full decode (reference)", n, dec, -new),
                  (f"local {label}, check_images=False", n, lookup, None)]  # fmt: skip
@@ -283,18 +283,18 @@ def main() -> None:
                   f"S3 runs on {n3:,}", flush=True)
             t_up = upload(small.parent, names[sample:], uri) + t_sample
             print(f"uploaded {n3} images to moto in {t_up:.1f} s ({n3 / t_up:.0f}/s)", flush=True)
-            images = _validate.parse_images(doc["images"], uri)
-            files = _validate_files.ImageFiles(*open_location(f"{uri}/images")[:2], f"{uri}/images")
-            new = timed(lambda: _validate_files.check_image_files(files, images, decode=True, path=uri))
-            old = run_pool(s3_old_check(files), images, _validate_files.REMOTE_THREADS)
-            one, n1 = _validate_files.REMOTE_THREADS, min(1000, n3)
+            images = _json.parse_images(doc["images"], uri)
+            files = _files.ImageFiles(*open_location(f"{uri}/images")[:2], f"{uri}/images")
+            new = timed(lambda: _files.check_image_files(files, images, decode=True, path=uri))
+            old = run_pool(s3_old_check(files), images, _files.REMOTE_THREADS)
+            one, n1 = _files.REMOTE_THREADS, min(1000, n3)
             try:
-                _validate_files.REMOTE_THREADS = 1
-                single = timed(lambda: _validate_files.check_image_files(
-                    files, _validate.parse_images(doc["images"][:n1], uri), decode=True, path=uri))
+                _files.REMOTE_THREADS = 1
+                single = timed(lambda: _files.check_image_files(
+                    files, _json.parse_images(doc["images"][:n1], uri), decode=True, path=uri))
             finally:
-                _validate_files.REMOTE_THREADS = one
-            lookup = timed(lambda: _validate_files.check_image_files(files, images, decode=False, path=uri))
+                _files.REMOTE_THREADS = one
+            lookup = timed(lambda: _files.check_image_files(files, images, decode=False, path=uri))
             t_s3load = timed(lambda: load_coco(f"{uri}/annotations.json", f"{uri}/images"))
             rows += [("S3 (moto) 32x32 JPEG, headers, 64 threads", n3, new, old),
                      ("S3 (moto) 32x32 JPEG, headers, 1 thread", n1, single, None),
@@ -315,7 +315,7 @@ def main() -> None:
         else:
             extra = f"{n / old:,.0f} | {old / sec:.2f}x"
         print(f"| {what} | {n:,} | {sec:.2f} | {n / sec:,.0f} | {extra} |")
-    print(f"\nthreads: local {lt}, remote {_validate_files.REMOTE_THREADS}; cpus {os.cpu_count()}")
+    print(f"\nthreads: local {lt}, remote {_files.REMOTE_THREADS}; cpus {os.cpu_count()}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kfold_ray._example import make_digits_example
+from kfold_ray.data._example import make_digits_example
 from kfold_ray._exceptions import ConfigError
 
 

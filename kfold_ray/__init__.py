@@ -12,7 +12,6 @@ from __future__ import annotations
 from ._api import CVResult, run_cv
 from ._backend import FoldBackend, FoldTask, Progress
 from ._config import CVConfig, FailureConfig, PredictConfig, TrainConfig
-from ._dataset import Category, CocoDataset, load_coco
 from ._exceptions import (
     ConfigError,
     DatasetError,
@@ -21,10 +20,11 @@ from ._exceptions import (
     ResumeError,
     StitchError,
 )
-from ._example import ExampleDataset, make_digits_example
-from ._folds import FoldPlan, make_fold_plan
-
-__version__ = "0.1.0"
+from ._version import __version__
+from .data._dataset import Category, CocoDataset, load_coco
+from .data._example import ExampleDataset, make_digits_example
+from .data._fold_plan import FoldPlan
+from .data._split import make_fold_plan
 
 __all__ = [
     "CVConfig",

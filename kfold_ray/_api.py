@@ -1,4 +1,6 @@
-"""`run_cv`: the whole job in one call, and `CVResult`, what it hands back.
+"""The Python API: `run_cv`, the whole job in one call, and `CVResult`, what it hands back; and one
+function for each other command of the CLI (`validate_dataset`, `example_data` + `run_example`,
+`report_run`), so that the CLI only parses flags and prints.
 
 Order of work (each step only after the one before succeeded):
     load + validate the dataset -> check options -> plan folds -> check the model config
@@ -21,13 +23,22 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from . import _rundir
 from ._backend import FoldBackend
 from ._config import DEFAULT_MODEL, CVConfig, FailureConfig, PredictConfig, TrainConfig
-from ._dataset import CocoDataset, load_coco
 from ._exceptions import ConfigError
-from ._folds import FoldPlan, make_fold_plan
-from ._storage import Storage, file_sha256
+from .data._dataset import CocoDataset, load_coco
+from .data._example import (
+    EXAMPLE_MAX_ITER,
+    EXAMPLE_MODEL,
+    example_overrides,
+    make_digits_example,
+)
+from .data._fold_plan import FoldPlan
+from .data._split import make_fold_plan
+from .report._rank import CALIBRATE_DEFAULT
+from .run import _state
+from .storage import _rundir
+from .storage._storage import Storage, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +95,10 @@ class CVResult:
 
         return pq.read_table(self.storage.open_input_file(_rundir.PREDICTIONS_PARQUET))
 
-    # ---- label issues (kfold_ray._report) ----
+    def output_files(self) -> list[str]:
+        """Where the run's main outputs are (paths or URIs), in the order the CLI lists them."""
+        return [self.storage.uri_of(name) for name in _rundir.OUTPUT_FILES]
+
     def label_issues(self, top: int | None = None, *, in_sample: bool = False,
                      calibrate: bool | None = None):
         """Images ranked by how likely their labels are wrong (cleanlab, scored once over all images).
@@ -96,14 +110,15 @@ class CVResult:
             top: keep only the ``top`` worst images (default: all).
             in_sample: rank the in-sample predictions (``run_cv(..., in_sample=True)``) instead.
             calibrate: score with cross-fitted calibrated detection scores (default:
-                ``kfold_ray._report.CALIBRATE_DEFAULT``; see `kfold_ray._calibrate`).
+                ``kfold_ray.report._rank.CALIBRATE_DEFAULT``; see `kfold_ray.report._calibrate`).
 
         Returns:
             A pyarrow Table, worst first: ``rank``, ``image_id``, ``file_name``, ``quality_score``,
             ``is_issue``, ``issue_kind`` (overlooked / swapped / badly_located), the boxes
-            concerned (``boxes``, JSON), ... (see `kfold_ray._report`).
+            concerned (``boxes``, JSON), ... (see `kfold_ray.report._rank`).
         """
-        from ._report import CALIBRATE_DEFAULT, label_issues_for_run, open_run, synced_run_dir
+        from .report._finished_run import open_run, synced_run_dir
+        from .report._rank import label_issues_for_run
 
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
             raise ConfigError(f"top must be None or an integer >= 0, got {top!r}")
@@ -112,7 +127,6 @@ class CVResult:
             table = label_issues_for_run(run, in_sample=in_sample,
                                          calibrate=CALIBRATE_DEFAULT if calibrate is None else calibrate)
         return table if top is None else table.slice(0, top)
-    # ---- end label issues ----
 
 
 def run_cv(
@@ -201,12 +215,12 @@ def run_cv(
     weights_file = fetch(config.train) if fetch is not None else None
     describe = getattr(backend, "describe", None)
     model_config = describe(config.train, dataset) if describe is not None else ""
-    storage = Storage(run_dir if run_dir is not None else _rundir.default_location(dataset))
+    storage = Storage(run_dir if run_dir is not None else _rundir.default_location(str(dataset.annotations_path)))
     storage.check_usable()
     weights_id = file_sha256(weights_file) if weights_file else ""
-    fingerprint = _rundir.fingerprint(dataset, config, weights_id=weights_id,
+    fingerprint = _state.fingerprint(dataset, config, weights_id=weights_id,
                                       model_config=model_config)
-    plan = _rundir.prepare(storage, dataset, config, plan, resume=resume, fingerprint=fingerprint,
+    plan = _state.prepare(storage, dataset, config, plan, resume=resume, fingerprint=fingerprint,
                            model_config=model_config)
     weights = _store_weights(storage, weights_file, weights_id)
     return _run(dataset, config, plan, storage, backend, weights=weights, address=address,
@@ -226,14 +240,15 @@ def _store_weights(storage: Storage, local: Path | None, weights_id: str) -> str
 def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storage,
          backend: FoldBackend, *, weights: str, address: str | None, progress: bool,
          in_sample: bool) -> CVResult:
-    from . import _cluster
-    from ._metrics import coco_metrics
+    from .cluster._connect import connect
+    from .cluster._plan import plan_launch
+    from .outputs._metrics import coco_metrics
     started = time.time()
-    info = _cluster.connect(address)
-    launch, lines = _cluster.plan_launch(info, config, folds=plan.k)
+    info = connect(address)
+    launch, lines = plan_launch(info, config, folds=plan.k)
     for line in lines:
         _say(line, progress)
-    state = _rundir.read_state(storage)
+    state = _state.read_state(storage)
     job = _job(storage, state["run_name"], config, weights, launch)
     table, losses, fold_info = _run_and_stitch(dataset, plan, job, backend, progress)
     _write_outputs(storage, table, losses, dataset, plan.fold_of_image)
@@ -248,7 +263,7 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
                                               backend, progress)
     metrics["seconds"] = round(time.time() - started, 1)
     storage.write_json(_rundir.METRICS, metrics)
-    _rundir.mark_finished(storage, state)
+    _state.mark_finished(storage, state)
     run_dir = storage.local_root if storage.is_local else storage.uri
     return CVResult(run_dir=run_dir, dataset=dataset, plan=plan, metrics=metrics)
 
@@ -256,7 +271,7 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
 def _write_outputs(storage: Storage, table, losses, dataset: CocoDataset,
                    fold_of_image: np.ndarray) -> None:
     """Every output of a stitched run (the folds', or the in-sample baseline's)."""
-    from ._outputs import write_all, write_box_losses
+    from .outputs._writers import write_all, write_box_losses
 
     write_all(storage, table, dataset)
     if losses is not None:
@@ -270,7 +285,7 @@ def _say(line: str, progress: bool) -> None:
 
 
 def _job(storage: Storage, run_name: str, config: CVConfig, weights: str, launch):
-    from ._driver import FoldJob
+    from .run._driver import FoldJob
 
     return FoldJob(storage=storage, run_name=run_name, config=config, weights=weights,
                    launch=launch)
@@ -279,9 +294,9 @@ def _job(storage: Storage, run_name: str, config: CVConfig, weights: str, launch
 def _run_and_stitch(dataset: CocoDataset, plan, job, backend: FoldBackend, progress: bool):
     """Run the folds of ``plan`` into ``job.storage``; return the stitched predictions, the box
     losses (None when the backend computes none) and per-fold info."""
-    from ._driver import run_folds
-    from ._progress import ProgressBoard
-    from ._reduce import Reducer
+    from .run._driver import run_folds
+    from .run._progress import ProgressBoard
+    from .run._reduce import Reducer
 
     board = ProgressBoard(plan.k, enabled=progress)
     with tempfile.TemporaryDirectory(prefix="kfold-ray-parts-") as cache:
@@ -320,7 +335,7 @@ def _run_in_sample(dataset: CocoDataset, storage: Storage, job, backend: FoldBac
 
     Runs after the folds (it reuses their resources); resumable like a fold.
     """
-    from ._metrics import coco_metrics
+    from .outputs._metrics import coco_metrics
 
     plan = _AllImagesPlan(dataset.num_images)
     table, losses, _ = _run_and_stitch(dataset, plan, replace(job, storage=storage), backend,
@@ -329,3 +344,104 @@ def _run_in_sample(dataset: CocoDataset, storage: Storage, job, backend: FoldBac
     return coco_metrics(dataset, table, plan.fold_of_image, 1)["pooled"]
 
 
+
+
+# ---- the other commands ----------------------------------------------------------------------------
+def validate_dataset(annotations: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None,
+                     *, k: int | None = None, split: str = "kfold", groups: str | None = None,
+                     exclude_unreadable: bool = False) -> tuple[CocoDataset, FoldPlan | None]:
+    """Load and check a dataset (and, with ``k``, that its fold plan can be made) without
+    starting Ray or writing anything. Raises DatasetError/ConfigError on bad input."""
+    dataset = load_coco(annotations, image_root, exclude_unreadable=exclude_unreadable)
+    plan = make_fold_plan(dataset, k, split=split, groups=groups) if k is not None else None
+    return dataset, plan
+
+
+@dataclass(frozen=True)
+class ExampleData:
+    """Where the built-in example's files went: paths, or URIs beside a URI run dir."""
+
+    annotations: str
+    image_root: str
+    injected_errors: str
+
+
+def example_data(run_dir: str, *, n_images: int = 150) -> ExampleData:
+    """Write the built-in digits example beside ``run_dir`` (``<run-dir>-data``): into the
+    run's storage when ``run_dir`` is a URI, where every node of a cluster reads it."""
+    from .storage._storage import is_uri
+
+    run_dir = str(run_dir).rstrip("/")
+    if not is_uri(run_dir):
+        example = make_digits_example(Path(run_dir).parent / f"{Path(run_dir).name}-data",
+                                      n_images=n_images)
+        return ExampleData(str(example.annotations_path), str(example.image_dir),
+                           str(example.injected_errors_path))
+    with tempfile.TemporaryDirectory(prefix="kfold-ray-example-") as tmp:
+        local = make_digits_example(Path(tmp), n_images=n_images)
+        data = Storage(f"{run_dir}-data", what="example data")
+        data.check_usable()
+        for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            data.put_file(f, f.relative_to(tmp).as_posix())
+        where = lambda path: data.uri_of(path.relative_to(tmp).as_posix())  # noqa: E731
+        return ExampleData(where(local.annotations_path), where(local.image_dir),
+                           where(local.injected_errors_path))
+
+
+def run_example(data: ExampleData, *, run_dir: str, k: int = 3, max_iter: int = EXAMPLE_MAX_ITER,
+                gpus_per_fold: float = 1.0, resume: bool = False,
+                address: str | None = None) -> CVResult:
+    """`run_cv` on the example's data with the example's model and schedule."""
+    return run_cv(data.annotations, k, image_root=data.image_root, model=EXAMPLE_MODEL,
+                  overrides=example_overrides(max_iter), gpus_per_fold=gpus_per_fold,
+                  run_dir=run_dir, resume=resume, address=address)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What `report_run` ranked and wrote.
+
+    Attributes:
+        rankings: ``"out_of_fold"`` (and ``"in_sample"`` when the run has it): label-issue
+            tables, worst first (`kfold_ray.report._rank`).
+        injected: how the out-of-fold ranking finds the dataset's known errors
+            (`kfold_ray.report._injected.score_against_injected`; ``n`` is 0 when it lists none).
+        files: where ``label_issues.csv``, ``label_issues.parquet`` and the page went.
+    """
+
+    rankings: dict[str, Any]
+    injected: dict[str, Any]
+    files: tuple[str, ...]
+
+
+def report_run(run_dir: str | os.PathLike[str], *, top: int = 20, calibrate: bool | None = None,
+               dataset: CocoDataset | None = None,
+               injected_errors: str | os.PathLike[str] | None = None) -> RunReport:
+    """Rank a finished run's images (out-of-fold, and in-sample when it has them), write the
+    label-issue tables and the report page into it, and score the ranking against the dataset's
+    injected errors (``injected_errors``, else the file beside its annotations, if any)."""
+    from .report._finished_run import open_run, synced_run_dir
+    from .report._injected import (
+        injected_errors_of,
+        read_injected_errors,
+        score_against_injected,
+    )
+    from .report._page import write_report
+    from .report._rank import label_issues_for_run
+
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ConfigError(f"--top must be an integer >= 0, got {top!r}")
+    calibrate = CALIBRATE_DEFAULT if calibrate is None else calibrate
+    storage = Storage(str(run_dir))
+    with synced_run_dir(storage) as local:
+        run = open_run(local, dataset=dataset)
+        rankings = {"out_of_fold": label_issues_for_run(run, calibrate=calibrate)}
+        if run.has_in_sample:
+            rankings["in_sample"] = label_issues_for_run(run, in_sample=True, calibrate=calibrate)
+        page = write_report(run, rankings, top=top)
+    known = (read_injected_errors(str(injected_errors)) if injected_errors is not None
+             else injected_errors_of(run.dataset))
+    files = (_rundir.LABEL_ISSUES_CSV, _rundir.LABEL_ISSUES_PARQUET, page.relative_to(local).as_posix())
+    return RunReport(rankings=rankings,
+                     injected=score_against_injected(rankings["out_of_fold"], known or []),
+                     files=tuple(storage.uri_of(name) for name in files))

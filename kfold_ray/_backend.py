@@ -12,7 +12,7 @@ predicts, and prediction batches (Arrow record batches, see `kfold_ray._schema`)
 images are predicted. The fold actor forwards them, unchanged, through a Ray streaming generator.
 
 A fold trained by several workers (``FoldTask.workers`` > 1) runs the backend's `run_fold` in each
-of them (`kfold_ray._workers`), with ``task.worker`` saying which one: the backend trains
+of them (`kfold_ray.run._workers`), with ``task.worker`` saying which one: the backend trains
 data-parallel in the process group Ray Train set up, then predicts only its share of the held-out
 images (`worker_share`); only worker 0 yields `DiscardParts`, and the others wait for it.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._config import PredictConfig, TrainConfig
-from ._dataset import CocoDataset
+from .data._dataset import CocoDataset
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,6 +2,7 @@
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 a failure
 during the run (a fold that failed for good, ...). Flags map one-to-one onto `run_cv`'s options.
+Each command calls one function of `kfold_ray._api`; this module only parses flags and prints.
 """
 
 from __future__ import annotations
@@ -9,13 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Sequence
 
+from . import _api
+from ._api import CALIBRATE_DEFAULT, EXAMPLE_MAX_ITER
 from ._config import DEFAULT_MODEL, SPLITS
-from ._example import EXAMPLE_MAX_ITER
 from ._exceptions import USER_INPUT_ERRORS, KfoldRayError, one_line
-from ._report import CALIBRATE_DEFAULT
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -50,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--resume", action="store_true")
     ex.add_argument("--address", default=None, help="Ray cluster address (as for run)")
 
-    # ---- report (label issues): kfold_ray._report, kfold_ray._report_page ----
     rep = sub.add_parser("report", help="rank likely label errors of a finished run; write report/index.html")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder (path or URI)")
     rep.add_argument("--top", type=int, default=20, help="suspect images shown on the page (default 20)")
@@ -58,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="score with per-class calibrated detection scores, each fold's mapped by a "
                           "calibration fitted on the other folds' images (default: "
                           f"{'on' if CALIBRATE_DEFAULT else 'off'}; benchmarks/README.md)")
-    # ---- end report ----
     return parser
 
 
@@ -133,25 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _validate(args) -> int:
-    from ._dataset import load_coco
-    from ._folds import make_fold_plan
-
-    dataset = load_coco(args.annotations, args.images, exclude_unreadable=args.exclude_unreadable)
+    dataset, plan = _api.validate_dataset(args.annotations, args.images, k=args.k, split=args.split,
+                                          groups=args.group_field,
+                                          exclude_unreadable=args.exclude_unreadable)
     msg = f"ok: {dataset.num_images} images, {len(dataset.boxes)} boxes, {dataset.num_classes} classes"
-    if args.k is not None:
-        plan = make_fold_plan(dataset, args.k, split=args.split, groups=args.group_field)
+    if plan is not None:
         msg += f"; {args.k} folds of {', '.join(map(str, plan.fold_sizes().tolist()))} images"
     print(msg)
     return EXIT_OK
 
 
 def _run(args) -> int:
-    from ._api import run_cv
-
     if len(args.opts) % 2:
         print(f"kfold-ray: error: --opts takes KEY VALUE pairs; got {len(args.opts)} items", file=sys.stderr)
         return EXIT_BAD_INPUT
-    result = run_cv(
+    result = _api.run_cv(
         args.annotations, args.k, image_root=args.images, model=args.model, overrides=args.opts,
         gpus_per_fold=args.gpus_per_fold, cpus_per_fold=args.cpus_per_fold,
         workers_per_fold=args.workers_per_fold, split=args.split,
@@ -167,62 +161,23 @@ def _run(args) -> int:
 
 
 def _example(args) -> int:
-    from ._api import run_cv
-    from ._example import EXAMPLE_MODEL, example_overrides, make_digits_example
-
-    from ._storage import Storage, is_uri
-
     run_dir = args.run_dir.rstrip("/")
-    if is_uri(run_dir):
-        # Worker nodes see nothing of this machine's disk: the data goes to the run's storage.
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="kfold-ray-example-") as tmp:
-            local = make_digits_example(Path(tmp), n_images=args.images)
-            data = Storage(f"{run_dir}-data", what="example data")
-            data.check_usable()
-            for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
-                data.put_file(f, f.relative_to(tmp).as_posix())
-        annotations = data.uri_of(local.annotations_path.relative_to(tmp).as_posix())
-        image_root = data.uri_of(local.image_dir.relative_to(tmp).as_posix())
-        errors = data.uri_of(local.injected_errors_path.relative_to(tmp).as_posix())
-    else:
-        data_dir = Path(run_dir).parent / f"{Path(run_dir).name}-data"
-        example = make_digits_example(data_dir, n_images=args.images)
-        annotations, image_root, errors = (example.annotations_path, example.image_dir,
-                                           example.injected_errors_path)
-    print(f"example dataset: {annotations} ({args.images} images, injected label errors "
-          f"listed in {errors})")
-    result = run_cv(
-        annotations, args.k, image_root=image_root, model=EXAMPLE_MODEL,
-        overrides=example_overrides(args.max_iter),
-        gpus_per_fold=args.gpus_per_fold, run_dir=run_dir, resume=args.resume,
-        address=args.address,
-    )
+    data = _api.example_data(run_dir, n_images=args.images)
+    print(f"example dataset: {data.annotations} ({args.images} images, injected label errors "
+          f"listed in {data.injected_errors})")
+    result = _api.run_example(data, run_dir=run_dir, k=args.k, max_iter=args.max_iter,
+                              gpus_per_fold=args.gpus_per_fold, resume=args.resume,
+                              address=args.address)
     _print_summary(result)
-    _score_example(result, errors)
+    report = _api.report_run(result.run_dir, top=20, dataset=result.dataset,
+                             injected_errors=data.injected_errors)
+    _print_scorecard(report.rankings["out_of_fold"], report.injected)
+    print(f"  {report.files[-1]}")
     return EXIT_OK
 
 
-def _score_example(result, errors) -> None:
-    """Rank the example's images and say how many of its injected errors the ranking finds."""
-    from ._report import label_issues_for_run, open_run, read_injected_errors, synced_run_dir
-    from ._report_page import write_report
-
-    injected = read_injected_errors(str(errors))
-    with synced_run_dir(result.storage) as local:
-        run = open_run(local, dataset=result.dataset)
-        table = label_issues_for_run(run)
-        page = write_report(run, {"out_of_fold": table}, top=20)
-    _print_scorecard(table, injected or [])
-    print(f"  {result.storage.uri_of(page.relative_to(local).as_posix())}")
-
-
-def _print_scorecard(table, injected: list[dict], *, shown: int = 5) -> None:
+def _print_scorecard(table, score: dict, *, shown: int = 5) -> None:
     """The known errors in the top N and the AUROC (when there are any), then the top suspects."""
-    from ._report import score_against_injected
-
-    score = score_against_injected(table, injected)
     n = score["n"]
     if n:
         auroc = "n/a" if score["auroc"] is None else f"{score['auroc']:.3f}"
@@ -234,30 +189,18 @@ def _print_scorecard(table, injected: list[dict], *, shown: int = 5) -> None:
               f" {'injected error' if bad else '':<15} {row['file_name']}")
 
 
-# ---- report (label issues) ----
 def _report(args) -> int:
-    from ._report import injected_errors_of, label_issues_for_run, open_run, synced_run_dir
-    from ._report_page import write_report
-    from ._storage import Storage
-
     if args.top < 0:
         print(f"kfold-ray: error: --top must be >= 0, got {args.top}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    storage = Storage(args.run_dir)
-    with synced_run_dir(storage) as local:
-        run = open_run(local)
-        rankings = {"out_of_fold": label_issues_for_run(run, calibrate=args.calibrate)}
-        if run.has_in_sample:
-            rankings["in_sample"] = label_issues_for_run(run, in_sample=True, calibrate=args.calibrate)
-        page = write_report(run, rankings, top=args.top)
-    oof = rankings["out_of_fold"]
+    report = _api.report_run(args.run_dir, top=args.top, calibrate=args.calibrate)
+    oof = report.rankings["out_of_fold"]
     flagged = sum(oof.column("is_issue").to_pylist())
     print(f"cleanlab flags {flagged} of {oof.num_rows} images as likely mislabelled")
-    _print_scorecard(oof, injected_errors_of(run.dataset) or [], shown=min(5, args.top))
-    for name in ("label_issues.csv", "label_issues.parquet", page.relative_to(local).as_posix()):
-        print(f"  {storage.uri_of(name)}")
+    _print_scorecard(oof, report.injected, shown=min(5, args.top))
+    for location in report.files:
+        print(f"  {location}")
     return EXIT_OK
-# ---- end report ----
 
 
 def _print_summary(result) -> None:
@@ -266,10 +209,8 @@ def _print_summary(result) -> None:
     if pooled:
         print("pooled out-of-fold AP {:.3f}, AP50 {:.3f}".format(pooled.get("AP", float("nan")),
                                                                 pooled.get("AP50", float("nan"))))
-    from ._rundir import OUTPUT_FILES
-
-    for name in OUTPUT_FILES:
-        print(f"  {result.storage.uri_of(name)}")
+    for location in result.output_files():
+        print(f"  {location}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Detectron2 publishes no wheels on PyPI. Its official install is from source:
 which compiles its C++/CUDA ops. Where that source cannot be reached (as on the machines this
 project is built on), we install FAIR's detectron2 0.6 *Python* sources from the PyPI sdist
 ``pb1-detectron2==0.6``, pinned by hash. That sdist lacks ``detectron2/layers/csrc``, so it cannot
-build its extension; ``kfold_ray._d2compat`` supplies what standard Faster R-CNN / RetinaNet need
+build its extension; ``kfold_ray.detectron2._compat`` supplies what standard Faster R-CNN / RetinaNet need
 instead (see that module). A ``.pth`` file makes the compat layer active in every process of this
 environment, Ray workers included; it does nothing when a compiled ``detectron2._C`` exists.
 
@@ -52,13 +52,15 @@ RUNTIME_REQUIREMENTS = [
     "setuptools<81",
 ]
 PTH_NAME = "kfold_ray_detectron2_compat.pth"
-# One line, run at every interpreter start: loads kfold_ray/_d2compat.py by itself (without
+# One line, run at every interpreter start: loads kfold_ray/detectron2/_compat.py by itself (without
 # importing the kfold_ray package and numpy with it) and installs its import hook. Never fails
-# the interpreter's start: a missing or moved kfold_ray only leaves the hook out.
+# the interpreter's start and prints nothing: a missing or moved kfold_ray only leaves the hook out.
+COMPAT_FILE = ("detectron2", "_compat.py")  # inside the kfold_ray package folder
 PTH_LINE = (
-    "import sys, importlib.util as _u; _s = _u.find_spec('kfold_ray'); "
-    "_f = _s and _u.spec_from_file_location('_kfold_ray_d2compat', "
-    "_s.submodule_search_locations[0] + '/_d2compat.py'); "
+    "import os, importlib.util as _u; _s = _u.find_spec('kfold_ray'); "
+    "_p = _s and _s.submodule_search_locations and os.path.join("
+    f"_s.submodule_search_locations[0], *{COMPAT_FILE!r}); "
+    "_f = _p and os.path.isfile(_p) and _u.spec_from_file_location('_kfold_ray_d2compat', _p); "
     "_m = _f and _u.module_from_spec(_f); _f and _f.loader.exec_module(_m); "
     "_m and _m.install_import_hook()\n"
 )

@@ -18,7 +18,7 @@ import numpy as np
 
 from kfold_ray._backend import DiscardParts, FoldEvent, FoldTask, Progress
 from kfold_ray._config import TrainConfig
-from kfold_ray._dataset import CocoDataset
+from kfold_ray.data._dataset import CocoDataset
 from kfold_ray._exceptions import FoldOutOfMemoryError
 from kfold_ray._schema import make_prediction_batch
 

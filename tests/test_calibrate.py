@@ -1,4 +1,4 @@
-"""Cross-fitted score calibration (kfold_ray._calibrate) and the ranking's ``calibrate`` option."""
+"""Cross-fitted score calibration (kfold_ray.report._calibrate) and the ranking's ``calibrate`` option."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import pyarrow as pa
 import pytest
 from cocofactory import edit_coco, make_coco
 
-from kfold_ray._calibrate import (
+from kfold_ray.report._calibrate import (
     MIN_ISOTONIC,
     calibrate_scores,
     cross_fitted_scores,
     fit_map,
     prediction_is_right,
 )
-from kfold_ray._dataset import load_coco
-from kfold_ray._objectlab import auxiliary_inputs
-from kfold_ray._report import rank_label_issues
+from kfold_ray.data._dataset import load_coco
+from kfold_ray.report._objectlab import auxiliary_inputs
+from kfold_ray.report._rank import rank_label_issues
 from kfold_ray._schema import make_prediction_batch
 
 

@@ -1,10 +1,11 @@
-"""Joining the Ray cluster and sizing fold actors to it (kfold_ray._cluster)."""
+"""Joining the Ray cluster and sizing fold actors to it (kfold_ray.cluster)."""
 
 from __future__ import annotations
 
 import pytest
 
-from kfold_ray._cluster import ClusterInfo, plan_launch
+from kfold_ray.cluster._connect import ClusterInfo
+from kfold_ray.cluster._plan import plan_launch
 from kfold_ray._config import CVConfig
 from kfold_ray._exceptions import ConfigError
 
@@ -91,7 +92,7 @@ def test_a_joined_cluster_without_gpus_waits_and_says_so():
 def test_address_local_starts_a_cluster_of_our_own():
     import ray
 
-    from kfold_ray._cluster import connect
+    from kfold_ray.cluster._connect import connect
 
     assert not ray.is_initialized()
     try:

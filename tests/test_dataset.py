@@ -1,4 +1,4 @@
-"""kfold_ray._dataset: loading a COCO dataset, and the one-line errors for every kind of bad input."""
+"""kfold_ray.data._dataset: loading a COCO dataset, and the one-line errors for every kind of bad input."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from cocofactory import AWKWARD_NAME, coco_dict, edit_coco, make_coco, read_coco, upload_tree, write_coco
 from PIL import Image
 
-from kfold_ray import _validate_files, _validate_jpeg, _validate_masks
-from kfold_ray._dataset import CocoDataset, load_coco, read_image_bytes
+from kfold_ray.data.validate import _files, _jpeg, _masks
+from kfold_ray.data._dataset import CocoDataset, load_coco, read_image_bytes
 from kfold_ray._exceptions import DatasetError, StorageError
 
 
@@ -481,7 +481,7 @@ def test_s3_dataset_loads_like_its_local_copy(tmp_path, bucket):
     assert isinstance(fs, pafs.S3FileSystem) and path == f"{data[5:]}/images/{AWKWARD_NAME}"
     assert back.image_filesystem(i)[0] is fs  # cached per process
     assert read_image_bytes(f"{data}/images", "img_00000.jpg") == (img_dir / "img_00000.jpg").read_bytes()
-    from kfold_ray._report_page import _load_image  # the report's overlays read through the store
+    from kfold_ray.report._overlays import _load_image  # the report's overlays read through the store
 
     image, readable = _load_image(back, i)
     assert readable and image.size == (int(ds.widths[i]), int(ds.heights[i]))
@@ -538,7 +538,7 @@ def _with_big_jpegs(tmp_path: Path) -> tuple[Path, Path]:
     ann, img_dir = make_coco(tmp_path, mutate=big)
     _big_jpeg(img_dir / "big.jpg")
     data = _big_jpeg(img_dir / "big_icc.jpg", (1000, 800), icc=150_000, orientation=6)
-    assert data.index(b"\xff\xda") > _validate_files.HEAD_BYTES  # start of scan past the first read
+    assert data.index(b"\xff\xda") > _files.HEAD_BYTES  # start of scan past the first read
     return ann, img_dir
 
 
@@ -556,8 +556,8 @@ def test_large_jpegs_are_judged_by_ranged_reads(tmp_path, monkeypatch):
     ds = load_coco(ann, img_dir)
     assert ds.widths[:2].tolist() == [400, 800]
     big = (img_dir / "big.jpg").stat().st_size
-    assert big > 2 * _validate_files.HEAD_BYTES
-    assert read[big] == [(_validate_files.HEAD_BYTES, 0), (_validate_files.TAIL_BYTES, big - _validate_files.TAIL_BYTES)]
+    assert big > 2 * _files.HEAD_BYTES
+    assert read[big] == [(_files.HEAD_BYTES, 0), (_files.TAIL_BYTES, big - _files.TAIL_BYTES)]
     icc = (img_dir / "big_icc.jpg").stat().st_size
     assert sum(n for n, _ in read[icc]) < icc  # grew past the ICC profile, not to the whole file
     # a large truncated JPEG is still caught, by its tail
@@ -571,7 +571,7 @@ def test_large_jpegs_are_judged_by_ranged_reads(tmp_path, monkeypatch):
 @pytest.mark.parametrize("whole_below", [None, 0], ids=["small-read-whole", "ranged-reads"])
 def test_large_jpegs_on_s3(tmp_path, bucket, monkeypatch, whole_below):
     if whole_below is not None:
-        monkeypatch.setattr(_validate_files, "REMOTE_WHOLE_BYTES", whole_below)
+        monkeypatch.setattr(_files, "REMOTE_WHOLE_BYTES", whole_below)
     ann, img_dir = _with_big_jpegs(tmp_path / "d")
     data = upload_tree(tmp_path / "d", f"{bucket}/d")
     ds = load_coco(f"{data}/annotations.json", f"{data}/images")
@@ -684,7 +684,7 @@ def test_fast_jpeg_header_agrees_with_pillow():
     rng = np.random.default_rng(0)
     read = 0
     for name, data in _jpeg_variants().items():
-        fast = _validate_jpeg.jpeg_header(data, Image.MAX_IMAGE_PIXELS)
+        fast = _jpeg.jpeg_header(data, Image.MAX_IMAGE_PIXELS)
         if fast is not None:
             read += 1
             assert fast == _pillow_header(data), name
@@ -695,7 +695,7 @@ def test_fast_jpeg_header_agrees_with_pillow():
             spoilt = bytearray(data)
             for at in rng.integers(2, sos + 4, size=int(rng.integers(1, 4))):
                 spoilt[at] = int(rng.integers(256))
-            fast = _validate_jpeg.jpeg_header(bytes(spoilt), Image.MAX_IMAGE_PIXELS)
+            fast = _jpeg.jpeg_header(bytes(spoilt), Image.MAX_IMAGE_PIXELS)
             if isinstance(fast, tuple):
                 assert fast == _pillow_header(bytes(spoilt)), (name, bytes(spoilt[:sos + 4]).hex())
     assert read >= 160
@@ -703,10 +703,10 @@ def test_fast_jpeg_header_agrees_with_pillow():
 
 def test_remote_check_opens_a_client_per_connection_pool(bucket):
     """One pyarrow S3 client keeps 25 requests in flight: 64 threads get 3 clients."""
-    from kfold_ray._storage import open_location
+    from kfold_ray.storage._storage import open_location
 
-    files = _validate_files.ImageFiles(*open_location(f"{bucket}/x")[:2], f"{bucket}/x")
-    clients = _validate_files._clients(files, -(-_validate_files.REMOTE_THREADS // _validate_files.REMOTE_CONNECTIONS))
+    files = _files.ImageFiles(*open_location(f"{bucket}/x")[:2], f"{bucket}/x")
+    clients = _files._clients(files, -(-_files.REMOTE_THREADS // _files.REMOTE_CONNECTIONS))
     assert len(clients) == 3 and len({id(c.fs) for c in clients}) == 3
     assert {(c.root, c.location) for c in clients} == {(files.root, files.location)}
 
@@ -978,8 +978,8 @@ def test_rle_string_total_matches_pycocotools():
             mask[:] = t % 2
         encoded = mask_util.encode(np.asfortranarray(mask))["counts"].decode()
         assert rle_string(rle_counts(mask)) == encoded
-        assert _validate_masks.rle_string_total(encoded) == h * w
-        assert _validate_masks.rle_string_total(encoded[:-1]) != h * w
+        assert _masks.rle_string_total(encoded) == h * w
+        assert _masks.rle_string_total(encoded[:-1]) != h * w
 
 
 def test_excluded_images_take_their_masks_along(tmp_path):

@@ -9,7 +9,7 @@ from cocofactory import make_coco
 
 from kfold_ray._backend import FoldTask, Progress
 from kfold_ray._config import PredictConfig, TrainConfig
-from kfold_ray._dataset import load_coco
+from kfold_ray.data._dataset import load_coco
 from kfold_ray.detectron2 import Detectron2Backend
 from kfold_ray.detectron2._predict import by_size, predict_halving_on_oom
 from kfold_ray._exceptions import FoldOutOfMemoryError

@@ -18,7 +18,7 @@ from fakes import EchoBackend, attempts, wait_for
 
 from kfold_ray import FoldFailedError
 from kfold_ray._api import run_cv
-from kfold_ray._dataset import load_coco
+from kfold_ray.data._dataset import load_coco
 
 
 

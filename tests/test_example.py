@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kfold_ray._example import ERROR_KINDS, ExampleDataset, make_digits_example
+from kfold_ray.data._example import ERROR_KINDS, ExampleDataset, make_digits_example
 from kfold_ray._exceptions import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

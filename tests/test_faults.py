@@ -18,7 +18,7 @@ from cocofactory import make_coco
 from fakes import EchoBackend, attempts, wait_for
 
 from kfold_ray import FoldFailedError, ResumeError, run_cv
-from kfold_ray._dataset import CocoDataset, Category, load_coco
+from kfold_ray.data._dataset import CocoDataset, Category, load_coco
 
 
 
@@ -229,7 +229,7 @@ def test_failed_folds_sink_no_other_and_resume_redoes_only_them(ray_local, small
 
 
 def test_a_retry_that_trains_again_discards_the_earlier_model_s_parts(ray_local, small, tmp_path):
-    from kfold_ray._reduce import FoldPartStore
+    from kfold_ray.run._parts import FoldPartStore
 
     control = tmp_path / "control"
     control.mkdir()

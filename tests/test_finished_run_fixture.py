@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from kfold_ray import run_cv
-from kfold_ray._dataset import load_coco
-from kfold_ray._report import label_issues_for_run, open_run
-from kfold_ray._report_page import write_report
+from kfold_ray.data._dataset import load_coco
+from kfold_ray.report._finished_run import open_run
+from kfold_ray.report._rank import label_issues_for_run
+from kfold_ray.report._page import write_report
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "finished_run"
 

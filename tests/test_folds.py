@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.model_selection import GroupKFold, KFold, ShuffleSplit, StratifiedKFold
 
-from kfold_ray._dataset import Category, CocoDataset
+from kfold_ray.data._dataset import Category, CocoDataset
 from kfold_ray._exceptions import ConfigError, DatasetError, ResumeError
-from kfold_ray._folds import FoldPlan, make_fold_plan
+from kfold_ray.data._fold_plan import FoldPlan
+from kfold_ray.data._split import make_fold_plan
 
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

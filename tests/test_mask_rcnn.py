@@ -14,7 +14,7 @@ import pytest
 from cocofactory import make_coco
 
 from kfold_ray._config import TrainConfig
-from kfold_ray._dataset import load_coco
+from kfold_ray.data._dataset import load_coco
 from kfold_ray.detectron2 import Detectron2Backend
 from kfold_ray.detectron2._config import import_detectron2
 from kfold_ray.detectron2._data import register_split

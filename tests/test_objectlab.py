@@ -1,17 +1,17 @@
-"""kfold_ray._objectlab gives cleanlab's own image scores and issue flags, without its pools."""
+"""kfold_ray.report._objectlab gives cleanlab's own image scores and issue flags, without its pools."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kfold_ray._objectlab import (
+from kfold_ray.report._objectlab import (
     box_scores,
     find_label_issues,
     label_quality_scores,
     per_class_ap,
 )
-from kfold_ray._objectlab import auxiliary_inputs
+from kfold_ray.report._objectlab import auxiliary_inputs
 
 
 def _random_dataset(seed: int, n_images: int = 60, num_classes: int = 4):

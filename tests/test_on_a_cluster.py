@@ -10,7 +10,6 @@ about orchestration only (tests/fakes.py's EchoBackend).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kfold_ray import _outputs, _pickles
-from kfold_ray._dataset import Category, CocoDataset
-from kfold_ray._metrics import coco_metrics
-from kfold_ray._outputs import (
+from kfold_ray.outputs import _pickles, _writers
+from kfold_ray.data._dataset import Category, CocoDataset
+from kfold_ray.outputs._metrics import coco_metrics
+from kfold_ray.outputs._writers import (
     cleanlab_predictions,
     write_all,
     write_cleanlab_labels,
@@ -24,7 +24,7 @@ from kfold_ray._outputs import (
     write_coco_results,
     write_predictions_parquet,
 )
-from kfold_ray._reduce import stitch
+from kfold_ray.run._stitch import stitch
 from kfold_ray._schema import DETECTION_SCHEMA, make_prediction_batch
 
 K = 3
@@ -285,12 +285,12 @@ def test_a_writer_that_fails_midway_leaves_no_file(tmp_path, monkeypatch, writer
         def partial_then_fail(tbl, where, **kwargs):
             Path(where).write_bytes(b"PAR1 half")
             raise OSError("disk full")
-        monkeypatch.setattr(_outputs.pq, "write_table", partial_then_fail)
+        monkeypatch.setattr(_writers.pq, "write_table", partial_then_fail)
     elif target == "_nested_block":
         monkeypatch.setattr(_pickles, "_nested_block", fail_on_second(_pickles._nested_block))
     else:
-        render = fail_on_second(_outputs._ResultLayout.render)
-        monkeypatch.setattr(_outputs._ResultLayout, "render", render)
+        render = fail_on_second(_writers._ResultLayout.render)
+        monkeypatch.setattr(_writers._ResultLayout, "render", render)
     with pytest.raises(OSError, match="disk full"):
         write_all(tmp_path, table, ds)
     names = {
@@ -306,7 +306,7 @@ def test_a_writer_that_fails_midway_leaves_no_file(tmp_path, monkeypatch, writer
 
 # ---- metrics ----------------------------------------------------------------------------------
 def _coco_gt(ds: CocoDataset):
-    from kfold_ray._metrics import _ground_truth
+    from kfold_ray.outputs._metrics import _ground_truth
 
     return _ground_truth(ds)
 
@@ -340,7 +340,7 @@ def test_per_fold_numbers_equal_a_cocoeval_restricted_to_the_fold():
     table = _stitched(ds, shift=2.5, extra=4)
     m = coco_metrics(ds, table, _folds(ds), K, evaluator="pycocotools")  # evaluate() once, reused
     gt = _coco_gt(ds)
-    from kfold_ray._metrics import _results
+    from kfold_ray.outputs._metrics import _results
 
     for f in range(K):
         ev = COCOeval(gt, _results(gt, table), "bbox")

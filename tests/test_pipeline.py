@@ -18,7 +18,7 @@ import pytest
 from cocofactory import make_coco
 
 from kfold_ray import run_cv
-from kfold_ray._dataset import load_coco
+from kfold_ray.data._dataset import load_coco
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ def test_config_json_records_how_to_reproduce(finished_run):
 
 
 def test_every_part_records_the_one_model_that_made_it(finished_run):
-    from kfold_ray._reduce import FoldPartStore
+    from kfold_ray.run._parts import FoldPartStore
 
     result, _ = finished_run
     store = FoldPartStore(result.run_dir)

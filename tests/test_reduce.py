@@ -9,7 +9,9 @@ import pyarrow as pa
 import pytest
 
 from kfold_ray._exceptions import StitchError
-from kfold_ray._reduce import FoldPartStore, Reducer, stitch
+from kfold_ray.run._parts import FoldPartStore
+from kfold_ray.run._reduce import Reducer
+from kfold_ray.run._stitch import stitch
 from kfold_ray._schema import (
     DETECTION_SCHEMA,
     batch_fold,

@@ -24,9 +24,10 @@ from fakes import EchoBackend
 
 from kfold_ray import run_cv
 from kfold_ray._cli import main
-from kfold_ray._dataset import load_coco
-from kfold_ray._objectlab import auxiliary_inputs
-from kfold_ray._report import LABEL_ISSUE_COLUMNS, open_run, rank_label_issues
+from kfold_ray.data._dataset import load_coco
+from kfold_ray.report._objectlab import auxiliary_inputs
+from kfold_ray.report._finished_run import open_run
+from kfold_ray.report._rank import LABEL_ISSUE_COLUMNS, rank_label_issues
 from kfold_ray._schema import DETECTION_SCHEMA, make_prediction_batch
 
 CATEGORIES = ["<b>cat</b>", "dog & co", 'say "hi"']  # HTML must escape them
@@ -349,8 +350,9 @@ def test_report_page_in_headless_chromium(finished, tmp_path):
 def test_overlays_mark_the_boxes_concerned_and_survive_an_unreadable_image(finished, tmp_path):
     from PIL import Image
 
-    from kfold_ray._report import label_issues_for_run
-    from kfold_ray._report_page import CONCERNED, write_report
+    from kfold_ray.report._rank import label_issues_for_run
+    from kfold_ray.report._overlays import CONCERNED
+    from kfold_ray.report._page import write_report
 
     result, _ = finished
     data, run_dir = tmp_path / "data", tmp_path / "run"

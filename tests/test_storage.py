@@ -11,9 +11,9 @@ import uuid
 import pyarrow as pa
 import pytest
 
-from kfold_ray._checkpoints import CheckpointSync
+from kfold_ray.storage._checkpoints import CheckpointSync
 from kfold_ray._exceptions import StorageError
-from kfold_ray._storage import Storage, is_uri
+from kfold_ray.storage._storage import Storage, is_uri
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -1,4 +1,4 @@
-"""Folds trained by several workers (Ray Train TorchTrainer, DDP over gloo on CPU; kfold_ray._workers).
+"""Folds trained by several workers (Ray Train TorchTrainer, DDP over gloo on CPU; kfold_ray.run._workers).
 
 Real Ray Train, real Detectron2 (tiny model, a few iterations, 64 px images). The GPU case is the
 same code with NCCL; it is measured on a GPU machine (benchmarks/), not tested here.
@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import threading
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,10 +19,10 @@ from fakes import wait_for
 
 from kfold_ray import ConfigError, run_cv
 from kfold_ray._backend import FoldWorker, worker_share
-from kfold_ray._dataset import load_coco
+from kfold_ray.data._dataset import load_coco
 from kfold_ray._exceptions import ImageReadError
-from kfold_ray._reduce import FoldPartStore
-from kfold_ray._workers import worker_error
+from kfold_ray.run._parts import FoldPartStore
+from kfold_ray.run._workers import worker_error
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,8 @@ stays fast. One module per job:
     _losses    the fold model's losses on each image's given boxes (loss inspection)
     _distributed  a fold of several Ray Train workers: comm's local group, DDP's device, one model
     _backend   Detectron2Backend, which ties them together
+    _compat    Detectron2 0.6 Python sources without compiled ops: a stand-in ``_C``, Pillow 10
+               (loaded by path at every interpreter start, from a .pth the set-up writes)
 """
 
 from ._backend import Detectron2Backend

@@ -16,15 +16,20 @@ from typing import Iterator
 import numpy as np
 
 from .._backend import DiscardParts, FoldEvent, FoldTask, Trained, worker_share
-from .._checkpoints import CheckpointSync
 from .._config import TrainConfig
-from .._dataset import CocoDataset
 from .._exceptions import ConfigError, DatasetError, FoldOutOfMemoryError, one_line
-from .._storage import Storage
+from ..data._dataset import CocoDataset
+from ..storage._checkpoints import CheckpointSync
+from ..storage._storage import Storage
 from ._config import build_cfg, import_detectron2
 from ._data import check_images_readable, image_error, node_name, register_split
-from ._distributed import (buffers_from_rank0, from_rank0, join_local_group, synchronize,
-                           weights_digest)
+from ._distributed import (
+    buffers_from_rank0,
+    from_rank0,
+    join_local_group,
+    synchronize,
+    weights_digest,
+)
 from ._predict import by_size, predict_halving_on_oom
 from ._train import fold_log, log_to_file, model_id, train
 from ._weights import fetch_weights_file, local_weights

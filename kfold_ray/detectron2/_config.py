@@ -52,7 +52,7 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def import_detectron2():
     """Import detectron2 with the compat layer in place (a no-op on official builds)."""
-    from .._d2compat import install_import_hook
+    from ._compat import install_import_hook
 
     install_import_hook()
     import detectron2  # noqa: F401

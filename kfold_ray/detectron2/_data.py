@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from .._backend import FoldTask
-from .._dataset import CocoDataset
-from .._exceptions import ImageReadError
-from .._exceptions import one_line
+from .._exceptions import ImageReadError, one_line
+from ..data._dataset import CocoDataset
+
 
 def register_split(name: str, dataset: CocoDataset, indices: np.ndarray, *, masks: bool = True) -> str:
     """Register a fold's training images with Detectron2 (inside the actor: see DESIGN.md).

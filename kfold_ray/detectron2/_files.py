@@ -62,7 +62,7 @@ def register() -> None:
 def _open_fs(uri: str):
     """(filesystem, path) of a file URI; the filesystem is opened once per folder and process
     (opening one per image would cost a region lookup per image on AWS)."""
-    from .._dataset import open_image_root
+    from ..data._dataset import open_image_root
 
     parent, name = uri.rstrip("/").rsplit("/", 1)
     fs, root = open_image_root(parent)
@@ -71,7 +71,7 @@ def _open_fs(uri: str):
 
 def download(uri: str, cache: str | os.PathLike[str] | None = None) -> Path:
     """A local copy of ``uri`` (cached per process user by URI)."""
-    from .._storage import Storage
+    from ..storage._storage import Storage
 
     folder = Path(cache or Path(tempfile.gettempdir()) / "kfold-ray-cache")
     local = folder / hashlib.sha1(uri.encode()).hexdigest()[:16] / uri.rstrip("/").rsplit("/", 1)[-1]

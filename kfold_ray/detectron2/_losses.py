@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .._dataset import CocoDataset
 from .._schema import BOX_LOSS_SCHEMA
+from ..data._dataset import CocoDataset
 
 
 def supports_box_losses(model: Any) -> bool:

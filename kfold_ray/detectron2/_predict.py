@@ -13,10 +13,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .._backend import FoldEvent, FoldTask, Progress
-from .._dataset import CocoDataset
 from .._exceptions import FoldOutOfMemoryError
 from .._schema import batch_image_indices, make_prediction_batch, with_box_losses
+from ..data._dataset import CocoDataset
 from ._losses import predict_with_box_losses, supports_box_losses
+
 
 def predict_halving_on_oom(model, cfg, task: FoldTask, dataset: CocoDataset,
                             device: str, *, model_id: str = "") -> Iterator[FoldEvent]:

@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 from .._backend import FoldTask, Progress
-from .._checkpoints import CheckpointSync
-from .._storage import file_sha256
+from ..storage._checkpoints import CheckpointSync
+from ..storage._storage import file_sha256
 from ._data import node_name
 from ._distributed import ddp_on_the_model_device
+
 
 def train(cfg, fold: int, sync: CheckpointSync | None = None):
     """Train with Detectron2's DefaultTrainer, resuming from the fold's last checkpoint.

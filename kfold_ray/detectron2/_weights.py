@@ -9,7 +9,8 @@ import logging
 import socket
 from pathlib import Path
 
-from .._storage import is_uri
+from ..storage._storage import is_uri
+
 
 def fetch_weights_file(spec: str) -> Path:
     """A local file for a MODEL.WEIGHTS value: a path, a URI (s3://...) or a Detectron2 URL."""

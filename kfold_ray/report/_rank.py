@@ -1,0 +1,328 @@
+"""Stage "report", part 1: rank the images by how likely their labels are wrong.
+
+cleanlab's object-detection scoring runs ONCE over the whole stitched prediction table (its
+per-class thresholds depend on the whole dataset, cleanlab #1301), never per fold, in one process
+with cleanlab's formulas (`kfold_ray.report._objectlab`: cleanlab's own functions take hours at COCO
+scale; tests check both give the same numbers):
+
+    quality_score   as ``cleanlab.object_detection.rank.get_label_quality_scores`` (1 = clean)
+    is_issue        as ``cleanlab.object_detection.filter.find_label_issues``
+    subtype scores  cleanlab's per-box scores (as ``rank.compute_overlooked_box_scores``,
+                    ``compute_swap_box_scores``, ``compute_badloc_box_scores``), pooled per image
+                    with ``rank.pool_box_scores_per_image``; the quality score is their weighted
+                    geometric mean
+
+With ``calibrate``, cleanlab scores cross-fitted per-class calibrated detection scores
+(`kfold_ray.report._calibrate`); the raw ones stay in ``boxes``. The three subtypes say which kind of
+problem is most likely, and on which boxes:
+
+    overlooked      a confident prediction (score >= 0.95) overlapping no given box: an object
+                    nobody labelled (per predicted box)
+    swapped         a given box sits where a confident prediction of another class is (per given box)
+    badly_located   a given box overlaps its best same-class prediction (score > 0.5) only a little
+                    (per given box)
+
+When the run has box losses, the kind comes from the loss signals instead (`kfold_ray.report._issue_kinds`).
+
+cleanlab's inputs are built in memory from the prediction table and the dataset reloaded from the
+run's ``config.json`` (pickles from a run dir are never loaded: unpickling a file from someone
+else's run dir could run code). Images without annotations get a score like any other (cleanlab
+#1234 crashed on them when their boxes had shape (0,); ours are float32 (0, 4)).
+
+Columns of ``label_issues.parquet`` / ``.csv`` (`LABEL_ISSUE_COLUMNS`), one row per image, worst first:
+
+    rank            int32   1 = most likely mislabelled: by combined_score when the run has box
+                            losses (Faster/Mask R-CNN folds), else by cleanlab's quality_score
+    image_index     int64   position of the image in the dataset (json order)
+    image_id        int64   COCO image id
+    file_name       string  as in the json
+    fold            int32   fold whose model predicted the image (-1 if unknown)
+    quality_score   float64 cleanlab's label quality score in [0, 1]
+    is_issue        bool    cleanlab flags the image (``find_label_issues``)
+    issue_kind      string  overlooked | swapped | badly_located | "" (no sign of a problem):
+                            from the box losses when the run has them (`kfold_ray.report._issue_kinds`), else
+                            from cleanlab's subtype scores
+    overlooked_score, swap_score, badloc_score  float64 pooled subtype scores (1 = no sign of it)
+    num_given       int32   given (non-crowd) boxes
+    num_predicted   int32   predicted boxes
+    boxes           string  JSON list of the boxes concerned, worst first (see `_issue_kinds._record`)
+    loss_score, unmatched_score, combined_score  float64  out-of-fold loss inspection and
+                    unmatched confident predictions, and their combination (see `_loss_signals`);
+                    higher = more likely wrong
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from .._exceptions import ConfigError
+from ..storage import _rundir
+from ..storage._atomic import atomic_path
+from ._finished_run import IN_SAMPLE_DIR, PREDICTIONS, FinishedRun
+from ._issue_kinds import (
+    LOSS_TERMS,
+    UNMATCHED_IOU,
+    explain_images,
+    rank_fraction,
+    raw_probs,
+)
+from ._objectlab import auxiliary_inputs
+
+if TYPE_CHECKING:
+    from ..data._dataset import CocoDataset
+
+__all__ = [
+    "CALIBRATE_DEFAULT",
+    "LABEL_ISSUE_COLUMNS",
+    "label_issues_for_run",
+    "rank_label_issues",
+    "write_label_issues",
+]
+
+LABEL_ISSUES_PARQUET = _rundir.LABEL_ISSUES_PARQUET
+LABEL_ISSUES_CSV = _rundir.LABEL_ISSUES_CSV
+#: Whether the ranking calibrates scores by default (`kfold_ray.report._calibrate`). Off: on the example
+#: (benchmarks/README.md, "Finding label errors") it lifts cleanlab's AUROC (0.55 -> 0.70 at 150
+#: iterations, 0.59 -> 0.68 at 300) but leaves the default order (combined_score) as it was, and
+#: for a confident, accurate detector it hurts: fitted against labels with errors, a map cannot
+#: exceed the labels' accuracy, so 0.99 becomes ~0.9, under cleanlab's 0.95 threshold, and the
+#: errors it found before are missed (tests/test_calibrate.py).
+CALIBRATE_DEFAULT = False
+_SIGNAL_COLUMNS = ("loss_score", "unmatched_score", "combined_score")
+
+
+LABEL_ISSUE_SCHEMA = pa.schema([
+    ("rank", pa.int32()),
+    ("image_index", pa.int64()),
+    ("image_id", pa.int64()),
+    ("file_name", pa.string()),
+    ("fold", pa.int32()),
+    ("quality_score", pa.float64()),
+    ("is_issue", pa.bool_()),
+    ("issue_kind", pa.string()),
+    ("overlooked_score", pa.float64()),
+    ("swap_score", pa.float64()),
+    ("badloc_score", pa.float64()),
+    ("num_given", pa.int32()),
+    ("num_predicted", pa.int32()),
+    ("boxes", pa.string()),
+    ("loss_score", pa.float64()),
+    ("unmatched_score", pa.float64()),
+    ("combined_score", pa.float64()),
+])
+LABEL_ISSUE_COLUMNS: tuple[str, ...] = tuple(LABEL_ISSUE_SCHEMA.names)
+
+
+# ---- the ranking ---------------------------------------------------------------------------------
+def label_issues_for_run(
+    run: FinishedRun, *, in_sample: bool = False, write: bool = True,
+    calibrate: bool = CALIBRATE_DEFAULT,
+) -> pa.Table:
+    """Rank a finished run's out-of-fold (or, with ``in_sample``, in-sample) predictions.
+
+    With ``write``, also writes ``label_issues.parquet`` and ``label_issues.csv`` beside the
+    predictions (the run dir, or its ``in_sample/``). ``calibrate``: see `rank_label_issues`.
+    """
+    folder = run.run_dir / IN_SAMPLE_DIR if in_sample else run.run_dir
+    path = folder / PREDICTIONS
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no {PREDICTIONS} (in-sample predictions need "
+                          "run_cv(..., in_sample=True))")
+    import pyarrow.parquet as pq
+
+    folds = np.zeros_like(run.fold_of_image) if in_sample else run.fold_of_image  # one model: "fold" 0
+    losses_path = folder / _rundir.BOX_LOSSES_PARQUET
+    losses = pq.read_table(losses_path) if losses_path.is_file() else None
+    # Calibration is cross-fitted over the fold plan's images even in-sample (one model): an
+    # image's own labels never fit the map that calibrates its scores.
+    table = rank_label_issues(run.dataset, pq.read_table(path), fold_of_image=folds,
+                              box_losses=losses, calibrate=calibrate,
+                              calibration_groups=run.fold_of_image)
+    if write:
+        write_label_issues(folder, table)
+    return table
+
+
+def rank_label_issues(
+    dataset: CocoDataset, predictions: pa.Table, *, fold_of_image: np.ndarray | None = None,
+    box_losses: pa.Table | None = None, calibrate: bool = CALIBRATE_DEFAULT,
+    calibration_groups: np.ndarray | None = None,
+) -> pa.Table:
+    """Score every image with cleanlab, once over the whole table, and rank them worst first.
+
+    Args:
+        dataset: the labels (crowd boxes are left out, as in the cleanlab labels kfold-ray writes).
+        predictions: detections with the ``predictions.parquet`` columns (DETECTION_SCHEMA):
+            ``image_index``, ``class_index``, absolute ``x1, y1, x2, y2``, ``score``; out-of-fold or
+            in-sample. Images without a row have no detection.
+        fold_of_image: int (N,) fold that predicted each image; default: from the table's ``fold``
+            column (-1 for an image without detections).
+        box_losses: ``box_losses.parquet`` of the run (``image_index``, ``annotation_id`` or
+            ``ann_row``, ``loss_cls``, ``loss_box_reg``, ``p_given``, ``p_background``), for the
+            loss-inspection columns and issue kinds; None leaves those columns null.
+        calibrate: score with cross-fitted per-class calibrated scores (`kfold_ray.report._calibrate`)
+            instead of the raw ones; the raw scores stay in ``boxes`` (``score``).
+        calibration_groups: int (N,) cross-fitting group of each image (default: its fold).
+
+    Returns:
+        A pyarrow Table with `LABEL_ISSUE_COLUMNS`, sorted by ``rank`` (1 = worst).
+    """
+    from .._schema import DETECTION_SCHEMA
+
+    missing = [n for n in ("image_index", "class_index", "x1", "y1", "x2", "y2", "score")
+               if n not in predictions.column_names]
+    if missing:
+        raise ValueError(f"prediction table lacks columns {missing} (expected {DETECTION_SCHEMA.names})")
+    if fold_of_image is not None:
+        fold_of_image = np.asarray(fold_of_image, dtype=np.int64)
+        if fold_of_image.shape != (dataset.num_images,):
+            raise ValueError(f"fold_of_image has shape {fold_of_image.shape}, "
+                             f"expected ({dataset.num_images},)")
+    if dataset.num_images == 0:
+        raise ValueError("the dataset has no images to rank")
+    if calibration_groups is not None:
+        calibration_groups = np.asarray(calibration_groups, dtype=np.int64)
+        if calibration_groups.shape != (dataset.num_images,):
+            raise ValueError(f"calibration_groups has shape {calibration_groups.shape}, "
+                             f"expected ({dataset.num_images},)")
+    return _rank(dataset, predictions, fold_of_image, box_losses, calibrate, calibration_groups)
+
+
+def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | None,
+          box_losses: pa.Table | None = None, calibrate: bool = False,
+          calibration_groups: np.ndarray | None = None) -> pa.Table:
+    from cleanlab.object_detection import rank as cl_rank
+
+    from ..outputs._writers import cleanlab_predictions
+    from ._objectlab import box_scores, find_label_issues, label_quality_scores
+
+    if fold_of_image is None:
+        fold_of_image = _fold_from_table(table, dataset.num_images)
+    predictions = cleanlab_predictions(table, num_images=dataset.num_images,
+                                       num_classes=dataset.num_classes)
+    aux = auxiliary_inputs(dataset.cleanlab_labels(), predictions)
+    if calibrate:
+        from ._calibrate import calibrate_scores
+
+        calibrate_scores(aux, fold_of_image if calibration_groups is None else calibration_groups)
+    # cleanlab's scores and flags from the auxiliary inputs built once (cleanlab's own functions
+    # rebuild them, in Python loops over box pairs, and start process pools: _objectlab.py).
+    per_box = box_scores(aux)
+    pooled = {kind: np.asarray(cl_rank.pool_box_scores_per_image(scores), dtype=np.float64)
+              for kind, scores in per_box.items()}
+    quality = label_quality_scores(pooled)
+    is_issue = find_label_issues(aux, per_box, dataset.num_classes)
+    losses = _losses_per_box(dataset, box_losses) if box_losses is not None else None
+    signals = _loss_signals(dataset.num_images, aux, box_losses)
+    kinds, boxes = explain_images(dataset, aux, per_box, pooled, is_issue, losses, signals)
+    # Worst first. With the fold models' box losses, by the combined loss/unmatched signal (it
+    # finds errors where cleanlab's thresholds see nothing: benchmarks/README.md), cleanlab's
+    # quality breaking ties; else by quality alone. Ties keep dataset order.
+    if box_losses is not None:
+        order = np.lexsort((quality, -signals["combined_score"]))
+    else:
+        order = np.argsort(quality, kind="stable")
+    rank = np.empty(dataset.num_images, dtype=np.int32)
+    rank[order] = np.arange(1, dataset.num_images + 1, dtype=np.int32)
+    n_given = np.array([len(a["lab_labels"]) for a in aux], dtype=np.int32)
+    n_pred = np.array([len(a["pred_labels"]) for a in aux], dtype=np.int32)
+    columns = {
+        "rank": rank, "image_index": np.arange(dataset.num_images, dtype=np.int64),
+        "image_id": dataset.image_ids.astype(np.int64), "file_name": list(dataset.file_names),
+        "fold": fold_of_image.astype(np.int32), "quality_score": quality, "is_issue": is_issue,
+        "issue_kind": kinds, "overlooked_score": pooled["overlooked"],
+        "swap_score": pooled["swapped"], "badloc_score": pooled["badly_located"],
+        "num_given": n_given, "num_predicted": n_pred, "boxes": boxes,
+        **signals,
+    }
+    # from_pandas: a signal that could not be computed (NaN) is a null, not a number.
+    out = pa.table({name: pa.array(columns[name], type=LABEL_ISSUE_SCHEMA.field(name).type,
+                                   from_pandas=name in _SIGNAL_COLUMNS)
+                    for name in LABEL_ISSUE_COLUMNS}, schema=LABEL_ISSUE_SCHEMA)
+    return out.take(pa.array(order))
+
+
+def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
+                  ) -> dict[str, np.ndarray]:
+    """Per image, the signals that do not need a confident detector (benchmarks/README.md:
+    together they found the example's injected errors with AUROC 0.946 where cleanlab's quality
+    score reached 0.551):
+
+        loss_score       max over the given boxes of ``loss_cls + loss_box_reg``, from the model
+                         that held the image out (swapped classes, shifted boxes); null without losses
+        unmatched_score  best score of a prediction overlapping no given box (IoU < 0.5): an
+                         object nobody labelled (missing boxes)
+        combined_score   the larger of the two, each as its rank fraction over the dataset in
+                         [0, 1] (no weights to tune); null without losses
+    """
+
+    unmatched = np.zeros(n, dtype=np.float64)
+    for i, a in enumerate(aux):
+        probs = raw_probs(a)
+        if probs.size:
+            iou = a["iou_matrix"]
+            free = np.ones(probs.size, dtype=bool) if iou.shape[0] == 0 else iou.max(axis=0) < UNMATCHED_IOU
+            unmatched[i] = probs[free].max(initial=0.0)
+    loss = np.full(n, np.nan)
+    if box_losses is not None:
+        loss[:] = 0.0  # an image without given boxes has nothing to lose
+        images = box_losses.column("image_index").to_numpy()
+        total = (box_losses.column("loss_cls").to_numpy().astype(np.float64)
+                 + box_losses.column("loss_box_reg").to_numpy().astype(np.float64))
+        np.maximum.at(loss, images, total)
+    combined = (np.maximum(rank_fraction(loss), rank_fraction(unmatched))
+                if box_losses is not None else loss)
+    return {"loss_score": loss, "unmatched_score": unmatched, "combined_score": combined}
+
+
+def _losses_per_box(dataset: CocoDataset, box_losses: pa.Table) -> dict[str, np.ndarray]:
+    """The loss terms (`LOSS_TERMS`) of every given (non-crowd) box, float64 (num kept boxes,),
+    in the order of cleanlab's labels (image by image); NaN for a box without a row."""
+    keep = ~np.asarray(dataset.iscrowd, dtype=bool)
+    kept_before = np.concatenate([[0], np.cumsum(keep)])
+    if "ann_row" in box_losses.column_names:
+        rows = box_losses.column("ann_row").to_numpy().astype(np.int64)
+    else:  # box_losses.parquet names the annotation by id; ids the dataset lacks are left out
+        sorter = np.argsort(dataset.ann_ids, kind="stable")
+        ids = box_losses.column("annotation_id").to_numpy().astype(np.int64)
+        at = np.searchsorted(dataset.ann_ids, ids, sorter=sorter)
+        found = at < len(sorter)
+        found[found] = dataset.ann_ids[sorter[at[found]]] == ids[found]
+        rows = sorter[at[found]]
+        box_losses = box_losses.filter(pa.array(found))
+    ok = keep[rows]
+    out = {}
+    for name in LOSS_TERMS:
+        column = np.full(int(keep.sum()), np.nan)
+        if name in box_losses.column_names:
+            column[kept_before[rows[ok]]] = box_losses.column(name).to_numpy()[ok].astype(np.float64)
+        out[name] = column
+    return out
+
+
+def _fold_from_table(table: pa.Table, num_images: int) -> np.ndarray:
+    fold = np.full(num_images, -1, dtype=np.int64)
+    if "fold" in table.column_names and table.num_rows:
+        img = table.column("image_index").to_numpy().astype(np.int64)
+        fold[img] = table.column("fold").to_numpy().astype(np.int64)
+    return fold
+
+
+# ---- files -------------------------------------------------------------------------------------------
+def write_label_issues(folder: str | os.PathLike[str], table: pa.Table) -> tuple[Path, Path]:
+    """Write ``label_issues.parquet`` and ``label_issues.csv`` into ``folder``, each atomically."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    parquet, csv = folder / LABEL_ISSUES_PARQUET, folder / LABEL_ISSUES_CSV
+    with atomic_path(parquet) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    with atomic_path(csv) as tmp:
+        pacsv.write_csv(table, tmp)
+    return parquet, csv

@@ -10,7 +10,7 @@ Fold batches of ``--batch`` images are persisted as the driver would (`Reducer.a
 child process reads them back, stitches and writes every output, so its peak RSS (``ru_maxrss``) is
 that of the reducer + writers alone.
 
-The baseline does what ../shared/seeds/000_*.txt does after prediction: per image, a Python loop over
+The baseline does what users do by hand today after prediction (a notebook's loop): per image, a Python loop over
 detections (``format_detectron2_predictions``, with numpy arrays standing in for CPU tensors: a
 faster baseline than real tensors' ``.item()``), a dict of results per fold pickled per fold, merged
 and reordered by hand into the final list. It runs on ``--baseline-images`` images; rates are per

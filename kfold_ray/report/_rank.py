@@ -91,7 +91,7 @@ LABEL_ISSUES_CSV = _rundir.LABEL_ISSUES_CSV
 #: iterations, 0.59 -> 0.68 at 300) but leaves the default order (combined_score) as it was, and
 #: for a confident, accurate detector it hurts: fitted against labels with errors, a map cannot
 #: exceed the labels' accuracy, so 0.99 becomes ~0.9, under cleanlab's 0.95 threshold, and the
-#: errors it found before are missed (tests/test_calibrate.py).
+#: errors it found before are missed (tests/report/test_calibrate.py).
 CALIBRATE_DEFAULT = False
 _SIGNAL_COLUMNS = ("loss_score", "unmatched_score", "combined_score")
 

@@ -15,7 +15,7 @@ from PIL import Image
 from kfold_ray.data._example import ERROR_KINDS, ExampleDataset, make_digits_example
 from kfold_ray._exceptions import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(path: Path) -> dict | list:

@@ -248,6 +248,9 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
     launch, lines = plan_launch(info, config, folds=plan.k)
     for line in lines:
         _say(line, progress)
+    unfinished = [f for f in range(plan.k)
+                  if not storage.is_file(f"{_rundir.fold_parts(f)}/{_rundir.DONE}")]
+    _state.check_devices(storage, unfinished, gpus_per_fold=launch.num_gpus)
     state = _state.read_state(storage)
     job = _job(storage, state["run_name"], config, weights, launch)
     table, losses, fold_info = _run_and_stitch(dataset, plan, job, backend, progress)

@@ -10,6 +10,10 @@
  +-- FoldOutOfMemoryError               a fold ran out of GPU memory (not retried: it would again)
      +-- StitchError                        fold outputs are not a partition of the dataset
      +-- ImageReadError                     a fold's node cannot read an image (not retried)
+     +-- NodeSetupError                     a node cannot do what the fold reserved it for (GPUs
+                                            CUDA cannot use); names the node and the fix
+
+`will_recur` says which errors a retry would only meet again (never retried).
 
 Every error pickles across Ray processes (``__reduce__`` rebuilds it from its arguments).
 The CLI maps DatasetError/ConfigError/ResumeError to one line on stderr and exit code 2.
@@ -155,6 +159,36 @@ class ImageReadError(KfoldRayError):
 
     def __reduce__(self):
         return (ImageReadError, (self.node, self.path, self.cause))
+
+
+class NodeSetupError(KfoldRayError):
+    """A fold's node cannot run what the fold reserved: GPUs that CUDA cannot use (no or too old
+    an NVIDIA driver for torch's CUDA build, a CPU-only torch). The same node fails again: not
+    retried. The message names the node, what it has, and the fix."""
+
+    def __init__(self, node: str, problem: str) -> None:
+        self.node, self.problem = node, problem
+        super().__init__(f"node {node}: {problem}")
+
+    def __reduce__(self):
+        return (NodeSetupError, (self.node, self.problem))
+
+
+# Errors a retry would meet again, by kind (config, data, model architecture, environment):
+# kfold-ray's own, and the Python errors that a fold's code raises the same way every time (a
+# model without a method it needs, a wrong key, a NaN loss: seeds and data are the same on a
+# retry). Crashes (a killed process, a lost node) and I/O errors (OSError: storage timeouts,
+# connection resets) may not recur: those are retried.
+RECURRING_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DatasetError, ResumeError, ImageReadError, FoldOutOfMemoryError, NodeSetupError,
+    StitchError, NotImplementedError, TypeError, AttributeError, NameError, LookupError,
+    ImportError, AssertionError, FloatingPointError, ArithmeticError, ValueError,
+)
+
+
+def will_recur(error: BaseException | None) -> bool:
+    """True when retrying the work that raised ``error`` would raise it again."""
+    return isinstance(error, RECURRING_ERRORS) and not isinstance(error, OSError)
 
 
 def one_line(e: BaseException) -> str:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parent
+PERMIT_DIR = TESTS_DIR / "permit"  # the fake-GPU permit (see tests/permit/sitecustomize.py)
 PYTHON = sys.executable
 MARKER = "KFOLD_RAY_TEST_NODE"
 S3_KEY = "testing"
@@ -217,11 +218,15 @@ def private_mounts_unavailable() -> str | None:
     return None
 
 
-def base_env(extra: dict | None = None) -> dict[str, str]:
-    """This process's environment without Ray's address/auth variables, tests/ on PYTHONPATH."""
+def base_env(extra: dict | None = None, *, fake_gpu_permit: bool = True) -> dict[str, str]:
+    """This process's environment without Ray's address/auth variables, tests/ on PYTHONPATH,
+    and the fake-GPU permit with it unless ``fake_gpu_permit`` is False (then a fold that
+    reserves a fake GPU meets the product's real check)."""
     env = {k: v for k, v in os.environ.items()
            if k not in _RAY_DRIVER_VARS and k not in AWS_CONFLICTING_VARS}
-    paths = [str(TESTS_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [str(TESTS_DIR)] + ([str(PERMIT_DIR)] if fake_gpu_permit else [])
+    paths += [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+              if p and (fake_gpu_permit or Path(p).resolve() != PERMIT_DIR)]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.update(extra or {})
@@ -527,13 +532,16 @@ class RayCluster:
         object_store_memory: per node, bytes.
         timeout: seconds a node may take to come up (2 cores: be generous).
         include_dashboard: the head's dashboard (on a free port).
+        fake_gpu_permit: nodes and drivers start with the test-only fake-GPU permit (default);
+            False: they meet the product's real check (a fold that reserved a GPU CUDA cannot
+            use stops).
     """
 
     def __init__(self, *, head_cpus: int = 1, head_gpus: int = 0,
                  head_resources: dict | None = None, env: dict | None = None,
                  auth_mode: str | None = "disabled", home: Path | str | None = None,
                  object_store_memory: int = 200_000_000, timeout: float = 180.0,
-                 include_dashboard: bool = False):
+                 include_dashboard: bool = False, fake_gpu_permit: bool = True):
         self.head_cpus, self.head_gpus = head_cpus, head_gpus
         self.head_resources = dict(head_resources or {})
         self.extra_env = dict(env or {})
@@ -542,6 +550,7 @@ class RayCluster:
         self.object_store_memory = object_store_memory
         self.timeout = timeout
         self.include_dashboard = include_dashboard
+        self.fake_gpu_permit = fake_gpu_permit
         self.id = uuid.uuid4().hex[:8]
         # Short: Ray's unix sockets live under it (108-byte limit on socket paths).
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"kr{self.id[:6]}", dir="/tmp"))
@@ -557,7 +566,7 @@ class RayCluster:
         return f"127.0.0.1:{self.port}"
 
     def node_env(self, marker: str, extra: dict | None = None) -> dict[str, str]:
-        env = base_env({**self.extra_env, **(extra or {})})
+        env = base_env({**self.extra_env, **(extra or {})}, fake_gpu_permit=self.fake_gpu_permit)
         if self.auth_mode is not None:
             env["RAY_AUTH_MODE"] = self.auth_mode
         if self.home:
@@ -573,7 +582,7 @@ class RayCluster:
         this cluster's temp root, so Ray's own lookup of "the cluster running on this node"
         (``ray.init()`` without address, ``address="auto"``) finds this cluster and not whichever
         cluster another test session started last in /tmp/ray."""
-        env = base_env({**self.extra_env, **(extra or {})})
+        env = base_env({**self.extra_env, **(extra or {})}, fake_gpu_permit=self.fake_gpu_permit)
         env["RAY_TMPDIR"] = str(self.temp_dir)
         mode = self.auth_mode if auth_mode == "same" else auth_mode
         if mode is not None:

@@ -9,12 +9,27 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+# The fake-GPU permit (tests/permit/sitecustomize.py): with it, a fold that reserved one of the
+# fake GPUs these tests give Ray trains on the CPU; without it, the product stops such a fold.
+PERMIT_DIR = TESTS_DIR / "permit"
 sys.path.insert(0, str(TESTS_DIR))
-# Ray workers must be able to import test-only backends (tests/fakes.py) by reference:
-# they inherit the driver's environment when ray.init starts a local cluster.
+# Ray workers must be able to import test-only backends (tests/fakes.py) by reference, and start
+# with the permit: they inherit the driver's environment (ray.init's local cluster, the `ray start`
+# nodes of tests/clusters.py, the fake autoscaler's nodes).
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p
+    p for p in (str(TESTS_DIR), str(PERMIT_DIR), os.environ.get("PYTHONPATH", "")) if p
 )
+
+
+def _install_permit_here() -> None:
+    """The permit in this process too (pytest started before PYTHONPATH had it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kfold_ray_test_permit", PERMIT_DIR / "sitecustomize.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+_install_permit_here()
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -31,7 +31,10 @@ class EchoBackend:
         control_dir: where fault flags and the attempt log live.
         crash_fold: this fold's process dies (os._exit) once, at ``crash_at`` = ("train", step)
             or ("predict", images done).
-        fail_fold: this fold raises every time (a deterministic bug).
+        fail_fold: this fold raises RuntimeError every time (a failure that may be transient to
+            kfold-ray, hence retried).
+        fail_with: ``{fold: exception class}``: that fold raises it every time (NotImplementedError,
+            ValueError, ...: a bug that recurs; OSError: maybe a storage hiccup).
         oom_fold: this fold reports running out of GPU memory.
         pause_folds: these folds wait until ``control_dir/release`` exists before predicting.
         skip_image_of_fold: this fold's stream ends without its last held-out image (a backend
@@ -46,6 +49,7 @@ class EchoBackend:
     crash_fold: int | None = None
     crash_at: tuple[str, int] = ("train", 2)
     fail_fold: int | None = None
+    fail_with: dict[int, type] | None = None
     pause_folds: tuple[int, ...] = ()
     oom_fold: int | None = None
     new_model_each_attempt: bool = False
@@ -58,6 +62,8 @@ class EchoBackend:
         self._log(f"start fold={task.fold} attempt={task.attempt} n={len(task.predict_indices)}")
         if task.fold == self.fail_fold:
             raise RuntimeError(f"deterministic failure in fold {task.fold}")
+        if self.fail_with and task.fold in self.fail_with:
+            raise self.fail_with[task.fold](f"deterministic failure in fold {task.fold}")
         if task.fold == self.oom_fold:
             raise FoldOutOfMemoryError(task.fold, "predicting", task.predict.batch_size, "lower --batch-size")
         for step in range(1, self.train_steps + 1):

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kfold_ray._version", "kfold_ray._exceptions"),
     ("kfold_ray._config",),
     ("kfold_ray.storage",),  # the run's storage over pyarrow.fs, locations, the run-dir layout
+    ("kfold_ray._node",),  # what this node has: torch, CUDA, driver, GPUs, Detectron2's build
     ("kfold_ray.data.validate",),
     ("kfold_ray.data",),  # the dataset, its fold plan, the built-in example
     ("kfold_ray._backend", "kfold_ray._schema"),  # contracts between the stages

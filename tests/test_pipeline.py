@@ -50,6 +50,15 @@ def test_every_output_exists(finished_run):
     assert not list(result.run_dir.glob("*.tmp")) and not list(result.run_dir.glob(".*.tmp"))
 
 
+def test_each_fold_records_what_it_trained_with(finished_run):
+    """gpus_per_fold=1 on a local cluster without GPUs: the plan says the folds train on CPU
+    (one line), and each fold records it beside its checkpoints (a resume checks it)."""
+    result, _ = finished_run
+    for fold in range(3):
+        ran = json.loads((result.run_dir / "folds" / f"fold_{fold:03d}" / "ran_with.json").read_text())
+        assert (ran["device"], ran["amp"], ran["gpus"], ran["workers"]) == ("cpu", False, 0, 1)
+
+
 def test_one_entry_per_image_in_dataset_order(finished_run):
     result, dataset = finished_run
     with open(result.run_dir / "cleanlab_predictions.pkl", "rb") as f:

@@ -15,14 +15,17 @@ from typing import Iterator
 
 import numpy as np
 
+from .. import _node
 from .._backend import DiscardParts, FoldEvent, FoldTask, Trained, worker_share
 from .._config import TrainConfig
 from .._exceptions import ConfigError, DatasetError, FoldOutOfMemoryError, one_line
+from .._node import node_name
 from ..data._dataset import CocoDataset
+from ..storage import _rundir
 from ..storage._checkpoints import CheckpointSync
 from ..storage._storage import Storage
 from ._config import build_cfg, import_detectron2
-from ._data import check_images_readable, image_error, node_name, register_split
+from ._data import check_images_readable, image_error, register_split
 from ._distributed import (
     buffers_from_rank0,
     from_rank0,
@@ -105,9 +108,10 @@ class Detectron2Backend:
 
     def _run_fold(self, task: FoldTask, dataset: CocoDataset, scratch: Path,
                   sync: CheckpointSync) -> Iterator[FoldEvent]:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # First of all: a fold that reserved GPUs it cannot use stops here, on one line (never
+        # a CPU fallback that trains for days). Looked up on the module: tests' fake-GPU permit
+        # (tests/permit/) wraps it.
+        device = _node.fold_device(task.num_gpus)
         check_images_readable(dataset, task)
         resumed = sync.pull()
         log_to_file(scratch / "log.txt")
@@ -122,6 +126,8 @@ class Detectron2Backend:
         )
         register_split(train_name, dataset, task.train_indices, masks=bool(cfg.MODEL.MASK_ON))
         fold_log(task, resumed, sync)
+        if rank_zero(task):
+            record_ran_with(task, cfg)
         model = yield from _train(cfg, task, sync)
         made_by = yield from _one_model(model, task, scratch, sync)
         task = yield from _what_to_predict(task, dataset, made_by)
@@ -129,6 +135,20 @@ class Detectron2Backend:
             yield from predict_halving_on_oom(model, cfg, task, dataset, device, model_id=made_by)
         except FileNotFoundError as e:
             raise image_error(e) from None
+
+
+def rank_zero(task: FoldTask) -> bool:
+    return task.worker is None or task.worker.rank == 0
+
+
+def record_ran_with(task: FoldTask, cfg) -> None:
+    """What the fold really trains with, beside its checkpoints (not in the run's fingerprint):
+    a resume that would move the checkpoint between CPU and GPU is refused up front
+    (`kfold_ray.run._state.check_devices`), since Detectron2's AMPTrainer cannot load a CPU
+    checkpoint's state, nor the plain trainer an AMP one's."""
+    Storage(task.work_dir).write_json(_rundir.RAN_WITH, {
+        "device": cfg.MODEL.DEVICE, "amp": bool(cfg.SOLVER.AMP.ENABLED), "gpus": task.num_gpus,
+        "workers": task.workers, "attempt": task.attempt, "node": node_name()})
 
 
 def _train(cfg, task: FoldTask, sync: CheckpointSync):

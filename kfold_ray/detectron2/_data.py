@@ -3,13 +3,13 @@ check that this node can read the images at all (another disk, no mount) before 
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import numpy as np
 
 from .._backend import FoldTask
 from .._exceptions import ImageReadError, one_line
+from .._node import node_name
 from ..data._dataset import CocoDataset
 
 
@@ -65,15 +65,6 @@ def register_split(name: str, dataset: CocoDataset, indices: np.ndarray, *, mask
     DatasetCatalog.register(name, dataset_dicts)
     MetadataCatalog.get(name).set(thing_classes=dataset.class_names)
     return name
-
-
-def node_name() -> str:
-    try:
-        import ray
-
-        return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
-    except Exception:  # noqa: BLE001 - only for messages
-        return socket.gethostname()
 
 
 def check_images_readable(dataset: CocoDataset, task: FoldTask) -> None:

@@ -8,9 +8,9 @@ import logging
 from pathlib import Path
 
 from .._backend import FoldTask, Progress
+from .._node import node_name
 from ..storage._checkpoints import CheckpointSync
 from ..storage._storage import file_sha256
-from ._data import node_name
 from ._distributed import ddp_on_the_model_device
 
 

@@ -7,7 +7,8 @@ every prediction batch to the reducer the moment it arrives (it is persisted in 
 before anything else happens), and shows progress. A fold whose actor dies (process crash, node
 loss) is started again from its last checkpoint with only its not-yet-persisted images to
 predict, up to ``max_retries`` times (errors that would happen again are not retried: out of GPU
-memory in training, an image the node cannot read, a bad config). A fold that fails for good
+memory in training, an image the node cannot read, GPUs CUDA cannot use, a bad config, a model
+whose code fails: `kfold_ray._exceptions.will_recur`). A fold that fails for good
 sinks no other: the rest run to the end and persist, then the run fails with FoldFailedError
 naming every failed fold, and ``--resume`` redoes only those.
 """
@@ -26,12 +27,7 @@ from ray.exceptions import RayError, RayTaskError
 
 from .._backend import DiscardParts, FoldBackend, FoldTask, Progress, Trained
 from .._config import CVConfig
-from .._exceptions import (
-    ConfigError,
-    FoldFailedError,
-    FoldOutOfMemoryError,
-    ImageReadError,
-)
+from .._exceptions import FoldFailedError, will_recur
 from ..cluster._plan import FoldLaunch
 from ..data._dataset import CocoDataset
 from ..data._fold_plan import FoldPlan
@@ -202,10 +198,10 @@ def _node_lost(error: Exception) -> bool:
 
 
 def _would_fail_again(error: Exception) -> bool:
-    """Errors a retry cannot fix: the same batch size runs out of memory again, the node cannot
-    read the images, the weights or the config are wrong."""
-    return isinstance(error, RayTaskError) and isinstance(
-        error.cause, (FoldOutOfMemoryError, ImageReadError, ConfigError))
+    """Errors a retry cannot fix (`kfold_ray._exceptions.will_recur`): the same batch size runs
+    out of memory again, the node cannot read the images or use its GPUs, the weights, the
+    config or the model's architecture are wrong. A crash or a lost node is retried."""
+    return isinstance(error, RayTaskError) and will_recur(error.cause)
 
 
 def _describe(error: Exception) -> str:

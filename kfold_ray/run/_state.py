@@ -20,8 +20,11 @@ from ..storage._rundir import (
     CONFIG,
     EXCLUDED_IMAGES,
     FOLD_PLAN,
+    LAST_CHECKPOINT,
     MODEL_CONFIG,
+    RAN_WITH,
     RUN_STATE,
+    fold_work,
     run_name,
 )
 from ..storage._storage import Storage
@@ -150,3 +153,29 @@ def fingerprint(dataset: CocoDataset, config: CVConfig, *, weights_id: str = "",
     }
     blob = json.dumps(decides, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_devices(storage: Storage, folds: list[int], *, gpus_per_fold: float) -> None:
+    """Refuse, before any fold starts, a resume that would move a fold's checkpoint between CPU
+    and GPU: each fold records what it trained with (``folds/fold_XXX/ran_with.json``); a fold
+    with a checkpoint must go on the same kind of device (Detectron2's AMPTrainer cannot load a
+    CPU checkpoint's state). Folds without a record (older run dirs) are not checked."""
+    wants_gpu = gpus_per_fold > 0
+    moved = []
+    for fold in folds:
+        work = storage.child(fold_work(fold))
+        if not (work.is_file(LAST_CHECKPOINT) and work.is_file(RAN_WITH)):
+            continue
+        ran = work.read_json(RAN_WITH)
+        if bool(ran.get("gpus")) != wants_gpu:
+            moved.append((fold, ran))
+    if moved:
+        fold, ran = moved[0]
+        was = f"{ran.get('device', '?')} (AMP {'on' if ran.get('amp') else 'off'})"
+        now_on = f"{gpus_per_fold:g} GPU per fold" if wants_gpu else "the CPU (--gpus-per-fold 0)"
+        back = f"--gpus-per-fold {ran.get('gpus'):g}" if ran.get("gpus") else "--gpus-per-fold 0"
+        folds_text = ", ".join(str(f) for f, _ in moved)
+        raise ResumeError(
+            f"{storage.uri}: fold(s) {folds_text} trained on {was} and this resume would go on "
+            f"with {now_on}: a checkpoint cannot move between CPU and GPU; resume with {back} "
+            "as the run started, or start a new --run-dir")

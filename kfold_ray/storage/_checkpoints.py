@@ -19,9 +19,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ._rundir import LAST_CHECKPOINT
 from ._storage import Storage
 
-LAST = "last_checkpoint"
+LAST = LAST_CHECKPOINT
 LOG = "log.txt"
 _MODEL_RE = re.compile(r"^model_(\d+|final)\.pth$")
 

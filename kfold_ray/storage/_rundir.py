@@ -9,7 +9,8 @@ one place that names them::
     excluded_images.json      images left out as unreadable (--exclude-unreadable), with the reason
     folds.json                the fold plan (read back on --resume, never recomputed)
     weights/                  MODEL.WEIGHTS, fetched once by the driver, read by every fold
-    folds/fold_000/           a fold's checkpoints (newest kept), last_checkpoint, log.txt
+    folds/fold_000/           a fold's checkpoints (newest kept), last_checkpoint, log.txt, and
+                              ran_with.json: the device, AMP and GPUs it really trained with
     parts/fold_000/           streamed prediction batches (Arrow IPC) and DONE.json
     predictions.parquet  cleanlab_predictions.pkl  cleanlab_labels.pkl  coco_results.json
     categories.json  metrics.json  label_issues.parquet/.csv  report/index.html
@@ -41,6 +42,8 @@ FOLD_WORK = "folds"
 IN_SAMPLE = "in_sample"
 REPORT = "report"
 DONE = "DONE.json"
+LAST_CHECKPOINT = "last_checkpoint"  # Detectron2's pointer to a fold's newest checkpoint
+RAN_WITH = "ran_with.json"  # in a fold's work folder: what it really trained with
 PREDICTIONS_PARQUET = "predictions.parquet"
 CLEANLAB_PREDICTIONS = "cleanlab_predictions.pkl"
 CLEANLAB_LABELS = "cleanlab_labels.pkl"

@@ -41,6 +41,23 @@ def test_out_of_memory_is_not_retried_and_says_what_to_lower(ray_local, small, t
                progress=False, batch_size=4, max_retries=3)
 
 
+def test_errors_that_will_recur_are_tried_once_others_again(ray_local, small, tmp_path):
+    """A model without a method it needs (Cascade R-CNN's heads in an older kfold-ray), a NaN
+    loss, a missing key: a retry meets them again, so none is retried. A storage hiccup
+    (OSError) may pass: it is."""
+    control = tmp_path / "control"
+    control.mkdir()
+    errors = {1: NotImplementedError, 2: FloatingPointError, 3: OSError, 4: KeyError}
+    with pytest.raises(FoldFailedError) as info:
+        run_cv(small, 5, gpus_per_fold=0, run_dir=tmp_path / "run", progress=False, max_retries=2,
+               backend=EchoBackend(control_dir=str(control), fail_with=errors))
+    assert [(f, attempts_) for f, _, attempts_ in info.value.failures] == [(1, 1), (2, 1), (3, 3), (4, 1)]
+    assert [cause.split(":")[0] for _, cause, _ in info.value.failures] == [
+        "NotImplementedError", "FloatingPointError", "OSError", "KeyError"]
+    tries = [line.split()[1] for line in attempts(control)]
+    assert {f: tries.count(f"fold={f}") for f in range(5)} == {0: 1, 1: 1, 2: 1, 3: 3, 4: 1}
+
+
 def test_resume_with_other_config_or_dataset_is_refused(ray_local, small, tmp_path):
     run_dir = tmp_path / "run"
     run_cv(small, 3, gpus_per_fold=0, run_dir=run_dir, backend=EchoBackend(), progress=False)

@@ -139,6 +139,7 @@ def run_cv(
     gpus_per_fold: float = 1.0,
     cpus_per_fold: float | None = None,
     workers_per_fold: int | None = None,
+    workers_across_nodes: bool = False,
     split: str | Any = "kfold",
     groups: Mapping[int, Hashable] | Sequence[Hashable] | str | None = None,
     seed: int = 0,
@@ -171,6 +172,8 @@ def run_cv(
         workers_per_fold: processes that train each fold data-parallel through Ray Train (DDP;
             gloo on CPU); ``SOLVER.IMS_PER_BATCH`` is their total batch. Default: the whole
             number of GPUs per fold (one GPU per worker), else 1.
+        workers_across_nodes: let a multi-GPU fold's workers spread over nodes (default: one
+            node per fold, so only nodes with that many GPUs host it).
         split: ``kfold``, ``group``, ``stratified`` or a scikit-learn splitter object.
         groups: for ``group``: image id -> group mapping, a sequence aligned to the images, or
             the name of an image field of the json.
@@ -199,7 +202,7 @@ def run_cv(
     config = CVConfig(
         k=k, split=split if isinstance(split, str) else f"custom:{type(split).__name__}",
         seed=seed, gpus_per_fold=gpus_per_fold, cpus_per_fold=cpus_per_fold,
-        workers_per_fold=workers_per_fold,
+        workers_per_fold=workers_per_fold, workers_across_nodes=workers_across_nodes,
         train=TrainConfig(model=model, overrides=tuple(overrides or ()), amp=amp),
         predict=PredictConfig(batch_size=batch_size, score_threshold=score_threshold, amp=amp),
         failure=FailureConfig(max_retries=max_retries, checkpoint_period=checkpoint_period,
@@ -358,6 +361,15 @@ def validate_dataset(annotations: str | os.PathLike[str], image_root: str | os.P
     dataset = load_coco(annotations, image_root, exclude_unreadable=exclude_unreadable)
     plan = make_fold_plan(dataset, k, split=split, groups=groups) if k is not None else None
     return dataset, plan
+
+
+def doctor(address: str | None = None, storage: str | os.PathLike[str] | None = None):
+    """What every node of the cluster has (torch, CUDA, driver, GPUs, Detectron2, CPUs) and,
+    with ``storage``, whether each reaches it; a `kfold_ray.cluster._doctor.Checkup` whose
+    ``problems`` lists what would make a run fail or crawl. Starts or joins Ray like `run_cv`."""
+    from .cluster._doctor import check_cluster
+
+    return check_cluster(address, None if storage is None else str(storage))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class FoldTask:
         num_cpus: CPUs reserved for each of the fold's processes (its data-loading workers).
         num_gpus: GPUs reserved for each of the fold's processes.
         workers: processes that train the fold (DDP); 1: the fold actor alone.
+        workers_across_nodes: the workers may spread over nodes (else all on one node).
         worker: which of them this is (None: the fold actor alone).
         weights: initial weights the driver placed in the run's storage ("" = the config's own).
         keep_checkpoints: how many of the newest checkpoints are kept.
@@ -70,6 +71,7 @@ class FoldTask:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     workers: int = 1
+    workers_across_nodes: bool = False
     worker: "FoldWorker | None" = None
     weights: str = ""
     keep_checkpoints: int = 2

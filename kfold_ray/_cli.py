@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--resume", action="store_true")
     ex.add_argument("--address", default=None, help="Ray cluster address (as for run)")
 
+    doc = sub.add_parser("doctor", help="check every node of the cluster: torch, CUDA, driver, "
+                                        "GPUs, Detectron2's build, CPUs, the run's storage")
+    doc.add_argument("--address", default=None,
+                     help="Ray cluster address (as for run; default: RAY_ADDRESS, else the cluster "
+                          "on this node, else a new local one)")
+    doc.add_argument("--storage", default=None, metavar="URI",
+                     help="also check that every node reaches this run dir or bucket (path or URI)")
+
     rep = sub.add_parser("report", help="rank likely label errors of a finished run; write report/index.html")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder (path or URI)")
     rep.add_argument("--top", type=int, default=20, help="suspect images shown on the page (default 20)")
@@ -84,6 +92,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers-per-fold", type=int, default=None,
                    help="processes that train each fold data-parallel (Ray Train DDP; gloo on CPU); "
                         "SOLVER.IMS_PER_BATCH is their total batch (default: the fold's whole GPUs, else 1)")
+    p.add_argument("--workers-across-nodes", action="store_true",
+                   help="let a multi-GPU fold's workers spread over several nodes (default: one "
+                        "node per fold, so only nodes with that many GPUs host it)")
     p.add_argument("--split", default="kfold", choices=SPLITS)
     p.add_argument("--group-field", default=None, help="image field holding the group (split=group)")
     p.add_argument("--seed", type=int, default=0)
@@ -112,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _example(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "doctor":
+            return _doctor(args)
         return _run(args)
     except USER_INPUT_ERRORS as e:
         # A dataset's problems, one line each (the first 50, then how many more); else one line.
@@ -148,7 +161,8 @@ def _run(args) -> int:
     result = _api.run_cv(
         args.annotations, args.k, image_root=args.images, model=args.model, overrides=args.opts,
         gpus_per_fold=args.gpus_per_fold, cpus_per_fold=args.cpus_per_fold,
-        workers_per_fold=args.workers_per_fold, split=args.split,
+        workers_per_fold=args.workers_per_fold, workers_across_nodes=args.workers_across_nodes,
+        split=args.split,
         groups=args.group_field, seed=args.seed, run_dir=args.run_dir,
         score_threshold=args.score_threshold, batch_size=args.batch_size, amp=args.amp,
         max_retries=args.max_retries, checkpoint_period=args.checkpoint_period,
@@ -201,6 +215,13 @@ def _report(args) -> int:
     for location in report.files:
         print(f"  {location}")
     return EXIT_OK
+
+
+def _doctor(args) -> int:
+    checkup = _api.doctor(args.address, args.storage)
+    for line in checkup.lines():
+        print(line)
+    return EXIT_FAILED if checkup.problems else EXIT_OK
 
 
 def _print_summary(result) -> None:

@@ -119,6 +119,9 @@ class CVConfig:
             of ``SOLVER.IMS_PER_BATCH`` (the total batch, as in Detectron2's own multi-GPU
             training), and afterwards predicts a share of the held-out images. None (default):
             the whole number of GPUs per fold, else 1. With GPUs, one GPU per worker.
+        workers_across_nodes: a multi-GPU fold's workers may be spread over several nodes
+            (Ray Train's PACK); default False: they stay on one node (STRICT_PACK), where NCCL
+            is fastest, so only nodes with that many GPUs host the fold.
     """
 
     k: int = 5
@@ -127,6 +130,7 @@ class CVConfig:
     gpus_per_fold: float = 1.0
     cpus_per_fold: float | None = None
     workers_per_fold: int | None = None
+    workers_across_nodes: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)

@@ -131,7 +131,7 @@ def describe_node(storage_uri: str | None = None) -> NodeReport:
         node=node_name(), cpus=os.cpu_count() or 0, torch=torch.__version__,
         torch_cuda=torch.version.cuda, driver=driver_version(),
         gpus_seen_by_torch=torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        cuda_problem=cuda_problem() if (driver_version() or shutil.which("nvidia-smi")) else None,
+        cuda_problem=cuda_problem(),
         detectron2=detectron2_build(), storage=_storage_check(storage_uri),
     )
 
@@ -160,3 +160,43 @@ def _storage_check(uri: str | None) -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure is what the report shows
         return one_line(e)[:300]
     return "ok"
+
+
+NVIDIA_PCI_VENDOR = "0x10de"
+
+
+def nvidia_devices(sys_root: str = "/sys") -> int:
+    """NVIDIA PCI devices on this machine (GPUs, whether or not a driver is loaded)."""
+    import glob
+
+    count = 0
+    for vendor in glob.glob(os.path.join(sys_root, "bus", "pci", "devices", "*", "vendor")):
+        try:
+            with open(vendor, encoding="ascii") as f:
+                if f.read().strip().lower() == NVIDIA_PCI_VENDOR:
+                    count += 1
+        except OSError:
+            continue
+    return count
+
+
+def check_this_node(sys_root: str = "/sys") -> int:
+    """What ``scripts/setup.sh --node`` ends with: one line on this node; exit status 1 when it
+    has NVIDIA GPUs that torch cannot use (no driver, a driver too old for torch's CUDA, a
+    CPU-only torch), so a broken GPU node fails its set-up instead of training on the CPU."""
+    import sys
+
+    devices = nvidia_devices(sys_root)
+    if not devices:
+        print(f"[setup] {node_name()}: no NVIDIA GPU on this node (a CPU node)", file=sys.stderr)
+        return 0
+    problem = cuda_problem()
+    if problem:
+        print(f"[setup] error: {node_name()} has {devices} NVIDIA GPU device(s), but {problem}",
+              file=sys.stderr)
+        return 1
+    import torch
+
+    print(f"[setup] {node_name()}: torch {torch.__version__} sees {torch.cuda.device_count()} "
+          f"GPU(s), NVIDIA driver {driver_version()}", file=sys.stderr)
+    return 0

@@ -26,7 +26,7 @@ py="$tmp/venv/bin/python"
 quiet() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
 "$py" -c 'import sys; sys.path.insert(0, "scripts"); import install_detectron2 as d
-print("\n".join(d.RUNTIME_REQUIREMENTS))' > "$tmp/detectron2.txt"
+print("\n".join(d.RUNTIME_REQUIREMENTS + d.BUILD_REQUIREMENTS))' > "$tmp/detectron2.txt"
 echo "[lock] resolving on $("$py" -V) in a throwaway venv (a few minutes: torch is large)" >&2
 quiet "$py" -m pip --disable-pip-version-check -q install \
   torch torchvision ".[test]" -r "$tmp/detectron2.txt" boto3

@@ -4,7 +4,8 @@
 #
 #   bash scripts/setup.sh          everything kfold-ray and its tests need (CI, development)
 #   bash scripts/setup.sh --node   only what a Ray cluster node runs: torch, Ray (default and train
-#                                  extras), kfold-ray and Detectron2; no test extras, no chromium
+#                                  extras), kfold-ray and Detectron2; no test extras, no chromium;
+#                                  it ends by checking that torch can use the node's NVIDIA GPUs
 #
 # Every package comes at the version pinned by constraints.txt (pip install -c), the versions CI
 # tested, on a fresh machine and on every cluster node alike. pyproject.toml holds the ranges;
@@ -44,7 +45,15 @@ fi
 stamp=.venv/.kfold-ray-setup
 inputs=(pyproject.toml constraints.txt scripts/setup.sh scripts/install_detectron2.py)
 want=$(cat "${inputs[@]}" | sha256sum | cut -c1-16)-$mode
+# Every node run ends by checking that torch can use the node's NVIDIA GPUs: a GPU node that
+# cannot (no driver, one too old for torch's CUDA) fails here, in one line, rather than later as
+# folds that stop at once.
+check_node() {
+  [ "$mode" = node ] || return 0
+  .venv/bin/python -c 'import sys; from kfold_ray._node import check_this_node; sys.exit(check_this_node())'
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  check_node
   exit 0
 fi
 
@@ -62,4 +71,5 @@ fi
 # Its pip runs (Detectron2's requirements) honour the same pins through PIP_CONSTRAINT.
 PIP_CONSTRAINT=constraints.txt .venv/bin/python scripts/install_detectron2.py
 echo "$want" > "$stamp"
+check_node
 echo "[setup] ready: .venv ($mode)" >&2

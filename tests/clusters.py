@@ -855,3 +855,138 @@ class PrivateCluster:
 
     def wait_for_workers(self) -> None:
         self.cluster.wait_for_workers()
+
+
+# ---- an autoscaling cluster: Ray's fake multi-node provider ----------------------------------------
+class FakeAutoscalingCluster:
+    """A ``ray start --head`` whose autoscaler launches nodes as cluster.yaml's would: Ray's own
+    fake multi-node provider (``RAY_FAKE_CLUSTER=1``, provider ``fake_multinode``) starts a real
+    Ray node on this machine for each node it "launches", with the node type's logical
+    resources (fake GPUs: the tests' permit lets their folds train on CPU).
+
+    The head has no GPU and ``head_cpus`` CPUs; ``worker_types`` are cluster.yaml's
+    ``available_node_types`` entries (``resources``, ``max_workers``; ``min_workers`` 0, as in
+    cluster.yaml). The dashboard (with its job server) is on, so ``ray job submit`` works. Every
+    node gets ``env`` (e.g. an S3 server's) and the nodes' usual test environment. Stopped by
+    killing every process that carries its marker (never ``ray stop``).
+    """
+
+    def __init__(self, worker_types: dict, *, head_cpus: int = 2, env: dict | None = None,
+                 timeout: float = 180.0):
+        self.worker_types = worker_types
+        self.head_cpus = head_cpus
+        self.extra_env = dict(env or {})
+        self.timeout = timeout
+        self.id = uuid.uuid4().hex[:8]
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"ka{self.id[:6]}", dir="/tmp"))
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.marker = f"{self.id}-autoscaling"
+        self.proc: subprocess.Popen | None = None
+        self._watchdog: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def config(self) -> dict:
+        ip = _node_ip()
+        return {
+            "cluster_name": f"fake-{self.id}", "max_workers": 8, "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 5,
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                         "disable_node_updaters": True, "disable_launch_config_check": True,
+                         # The fake nodes dial 6379 unless told where the GCS is.
+                         "gcs_address": f"{ip}:{self.port}"},
+            "auth": {"ssh_user": "ubuntu"},
+            # The fake provider names the head's type ray.head.default.
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": self.head_cpus}, "node_config": {},
+                                     "max_workers": 0},
+                **{name: {"min_workers": 0, "node_config": {}, **spec}
+                   for name, spec in self.worker_types.items()},
+            },
+            "head_node_type": "ray.head.default",
+            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+            "worker_setup_commands": [], "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }
+
+    def env(self) -> dict[str, str]:
+        env = base_env(self.extra_env)
+        env.update({"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(self.temp_dir),
+                    "RAY_FAKE_CLUSTER": "1", MARKER: self.marker})
+        return env
+
+    def driver_env(self) -> dict[str, str]:
+        """For `ray job` commands and drivers: no marker (they are not the cluster's nodes)."""
+        env = self.env()
+        del env[MARKER], env["RAY_FAKE_CLUSTER"]
+        return env
+
+    def start(self) -> "FakeAutoscalingCluster":
+        import yaml
+
+        self._watchdog = start_watchdog(self.marker, self.temp_dir)
+        cfg = self.temp_dir / "autoscaling.yaml"
+        cfg.write_text(yaml.safe_dump(self.config()))
+        argv = [ray_cli(), "start", "--head", "--port", str(self.port),
+                "--num-cpus", str(self.head_cpus), "--num-gpus", "0",
+                f"--autoscaling-config={cfg}", "--include-dashboard=true",
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                "--ray-client-server-port", str(free_port()),
+                "--metrics-export-port", str(free_port()),
+                "--dashboard-agent-listen-port", str(free_port()),
+                "--temp-dir", str(self.temp_dir / "ray"), "--disable-usage-stats", "--block"]
+        self.log_path = self.temp_dir / "head.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env(),
+                                         start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while b"Ray runtime started" not in self.log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_tail(self.log_path)
+                self.shutdown()
+                raise ClusterError(f"the autoscaling head did not start:\n{tail}")
+            time.sleep(0.5)
+        self._wait_for_job_server(deadline)
+        return self
+
+    def _wait_for_job_server(self, deadline: float) -> None:
+        import urllib.request
+
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"no dashboard at {self.dashboard_url}:\n{log_tail(self.log_path)}")
+                time.sleep(1)
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """A ``ray`` CLI command against this cluster (``ray job submit ...``)."""
+        return subprocess.run([ray_cli(), *args], env=self.driver_env(), capture_output=True,
+                              text=True, timeout=timeout)
+
+    def shutdown(self, grace: float = 2.0) -> None:
+        pids = pids_with_marker(self.marker)
+        _signal_all(pids, signal.SIGTERM)
+        _signal_all(_wait_gone(pids, grace), signal.SIGKILL)
+        _wait_gone(pids, 10)
+        _stop_watchdog(self._watchdog)
+        self._watchdog = None
+        if not os.environ.get("KFOLD_RAY_KEEP_CLUSTER_LOGS"):
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _node_ip() -> str:
+    import ray._private.services as services
+
+    return services.get_node_ip_address()

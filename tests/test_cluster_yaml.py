@@ -181,7 +181,8 @@ def test_every_direct_requirement_is_pinned() -> None:
         sys.path.pop(0)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [*project["dependencies"], *project["optional-dependencies"]["test"],
-              *install_detectron2.RUNTIME_REQUIREMENTS, "boto3"]
+              *install_detectron2.RUNTIME_REQUIREMENTS, *install_detectron2.BUILD_REQUIREMENTS,
+              "boto3"]
     pins = _pins()
     names = {Requirement(r).name for r in wanted}
     missing = sorted(name for name in names if _norm(name) not in pins)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._exceptions import ConfigError, one_line
+from ._autoscaler import NodeType, launchable_node_types
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class ClusterInfo:
     cpus: float
     gpus: float
     cpus_per_gpu: float | None  # on the GPU nodes (the smallest ratio), None without GPUs
+    gpu_nodes: tuple[tuple[float, float], ...] = ()  # (CPUs, GPUs) of each GPU node alive now
+    node_types: tuple[NodeType, ...] = ()  # what the autoscaler can launch (empty: none known)
 
     def describe(self) -> str:
         how = "a new local cluster" if self.started_here else "joined"
@@ -127,6 +130,9 @@ def _describe(started_here: bool) -> ClusterInfo:
         address = ray.get_runtime_context().gcs_address
     except Exception:  # noqa: BLE001 - only for the message
         address = "?"
+    gpu_nodes = tuple((n["Resources"].get("CPU", 0.0), n["Resources"]["GPU"])
+                      for n in nodes if n["Resources"].get("GPU"))
     return ClusterInfo(address=address, started_here=started_here, nodes=len(nodes),
                        cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0),
-                       cpus_per_gpu=min(ratios) if ratios else None)
+                       cpus_per_gpu=min(ratios) if ratios else None, gpu_nodes=gpu_nodes,
+                       node_types=() if started_here else (launchable_node_types() or ()))

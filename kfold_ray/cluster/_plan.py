@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from .._config import CVConfig
+from .._exceptions import ConfigError
 from ._connect import ClusterInfo
 
 
@@ -18,6 +19,7 @@ class FoldLaunch:
     num_gpus: float
     num_cpus: float
     workers: int = 1
+    across_nodes: bool = False  # a multi-GPU fold's workers may spread over nodes
 
     @property
     def gpus_per_worker(self) -> float:
@@ -34,8 +36,11 @@ def plan_launch(info: ClusterInfo, config: CVConfig, *, folds: int) -> tuple[Fol
 
     GPUs: ``gpus_per_fold``, except on a local cluster started here without GPUs, where folds
     train on CPU rather than wait forever. CPUs: ``cpus_per_fold``, or by default the fold's share
-    of its node's CPUs per GPU (48 CPUs / 4 GPUs -> 12 for a one-GPU fold), 1 per worker without
-    GPUs. Workers: ``workers_per_fold`` (default: the whole GPUs of a fold, else 1).
+    of the CPUs per GPU of the nodes that can host it (48 CPUs / 4 GPUs -> 12 for a one-GPU fold):
+    the GPU nodes alive now and the GPU node types the autoscaler can launch, the smallest ratio
+    among them, so that a fold fits on each; 1 per worker without GPUs. Workers:
+    ``workers_per_fold`` (default: the whole GPUs of a fold, else 1); a multi-GPU fold's workers
+    stay on one node, so only node types with that many GPUs host it.
     """
     lines = [info.describe()]
     gpus = config.gpus_per_fold
@@ -43,17 +48,48 @@ def plan_launch(info: ClusterInfo, config: CVConfig, *, folds: int) -> tuple[Fol
         if info.started_here:
             lines.append("no GPU on this local Ray cluster: folds train on CPU")
             gpus = 0
+        elif info.node_types:
+            lines.append("no GPU node is up yet: folds wait while the autoscaler launches them")
         else:
             lines.append("warning: the Ray cluster has no GPU now: folds wait for GPU workers "
                          "(autoscaler); pass --gpus-per-fold 0 on a CPU-only cluster")
     workers = config.workers
     cpus = config.cpus_per_fold
     if cpus is None:
-        cpus = (max(1.0, math.floor(info.cpus_per_gpu * gpus)) if gpus and info.cpus_per_gpu
-                else 1.0) * (1 if gpus else workers)
-    launch = FoldLaunch(num_gpus=gpus, num_cpus=cpus, workers=workers)
+        cpus, sized = _default_cpus(info, gpus, 1 if config.workers_across_nodes else workers)
+        lines.extend(sized)
+    launch = FoldLaunch(num_gpus=gpus, num_cpus=cpus, workers=workers,
+                        across_nodes=config.workers_across_nodes)
     lines.extend(_waves(folds, launch, info))
     return launch, lines
+
+
+def _default_cpus(info: ClusterInfo, gpus: float, workers: int) -> tuple[float, list[str]]:
+    """A fold's CPUs when the user gave none, and a line saying what they were sized for.
+    ``workers``: the fold's processes that must share one node."""
+    if not gpus:
+        return 1.0 * workers, []
+    # GPUs one node must have: a fraction needs one; N workers on one node need N.
+    need = max(1.0, gpus if workers > 1 else 1.0)
+    alive = [(c, g) for c, g in info.gpu_nodes if g >= need - 1e-9]
+    if not info.gpu_nodes and info.cpus_per_gpu and info.gpus >= need:
+        alive = [(info.cpus_per_gpu, 1.0)]  # a ClusterInfo that knows the ratio only
+    hosts = [t for t in info.node_types if t.gpus >= need - 1e-9]
+    if info.node_types and not hosts and not alive:
+        raise ConfigError(
+            f"no GPU node type of this cluster's autoscaler has {need:g} GPUs for one fold "
+            f"({', '.join(t.describe() for t in info.node_types)}): lower --gpus-per-fold, or add "
+            "a node type with that many GPUs to the cluster config")
+    ratios = [c / g for c, g in alive] + [t.cpus / t.gpus for t in hosts]
+    if not ratios:
+        return 1.0, ["warning: no GPU node to size the folds' CPUs by: 1 CPU per fold (pass "
+                     "--cpus-per-fold for the data loader's workers)"]
+    cpus = max(1.0, math.floor(min(ratios) * gpus + 1e-9))
+    if not hosts:
+        return cpus, []
+    return cpus, [f"CPUs per fold sized for the GPU node types the autoscaler can launch, "
+                  f"{', '.join(t.describe() for t in hosts)}: {min(ratios):g} CPUs per GPU, so "
+                  f"a fold fits on {'each' if len(hosts) + len(alive) > 1 else 'it'}"]
 
 
 def _waves(folds: int, launch: FoldLaunch, info: ClusterInfo) -> list[str]:

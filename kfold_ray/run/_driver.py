@@ -59,6 +59,7 @@ class _Fold:
     errors: list[str] = field(default_factory=list)
     relaunch_at: float = 0.0
     trained: dict[int, Trained] = field(default_factory=dict)  # by rank, this attempt
+    running: bool = False  # its actor has sent something this attempt (else: still waiting)
 
     def info(self) -> dict[str, Any]:
         """What metrics.json records of the fold: attempts, seconds, errors, who trained it."""
@@ -98,8 +99,10 @@ def run_folds(*, dataset: CocoDataset, plan: FoldPlan, job: FoldJob, backend: Fo
     info: dict[int, dict[str, Any]] = {}
     delayed: list[_Fold] = []  # folds to relaunch once their relaunch_at has come
     failed: list[_Fold] = []  # folds that failed for good: the others run on
+    waiting = _WaitingNotes(board)
     try:
         while streams or delayed:
+            waiting.show([s for s in streams.values() if not s.running])
             for state in [s for s in delayed if s.relaunch_at <= time.monotonic()]:
                 delayed.remove(state)
                 streams[_launch(state, dataset_ref, plan, job, backend, reducer)] = state
@@ -147,6 +150,7 @@ def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
         return None
     except RayError as e:
         return _on_failure(state, e, board, config)
+    state.running = True
     if isinstance(event, Progress):
         board.update(event)
     elif isinstance(event, pa.RecordBatch):
@@ -163,6 +167,28 @@ def _advance(stream, state: _Fold, reducer: Reducer, board: ProgressBoard,
                     "(%s); they are discarded and every held-out image is predicted again",
                     state.fold, event.model)
     return stream
+
+
+class _WaitingNotes:
+    """While folds wait for resources, say every so often what the autoscaler is launching for
+    them (a GPU node takes minutes to boot and set up): the user sees it is coming."""
+
+    def __init__(self, board: ProgressBoard, every_s: float = 20.0) -> None:
+        self.board, self.every_s = board, every_s
+        self._next = time.monotonic() + every_s
+        self._said: dict[int, str] = {}
+
+    def show(self, waiting: list[_Fold]) -> None:
+        if not waiting or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.every_s
+        from ..cluster._autoscaler import launching_now
+
+        line = launching_now()
+        for state in waiting:
+            if line and self._said.get(state.fold) != line:
+                self._said[state.fold] = line
+                self.board.note(state.fold, f"waiting for resources: {line}")
 
 
 class StreamEndedEarly(Exception):
@@ -184,6 +210,7 @@ def _on_failure(state: _Fold, error: Exception, board: ProgressBoard, config: CV
         return _FAILED
     state.attempt += 1
     state.trained.clear()
+    state.running = False
     state.relaunch_at = time.monotonic() + (NODE_LOSS_RELAUNCH_DELAY_S if _node_lost(error) else 0.0)
     board.note(state.fold, f"failed ({cause}); retry {state.attempt}/{config.failure.max_retries}")
     log.warning("fold %d failed (%s); retrying from its last checkpoint", state.fold, cause)
@@ -233,6 +260,7 @@ def _launch(state: _Fold, dataset_ref, plan: FoldPlan, job: FoldJob, backend: Fo
         num_cpus=job.launch.cpus_per_worker,
         num_gpus=job.launch.gpus_per_worker,
         workers=job.launch.workers,
+        workers_across_nodes=job.launch.across_nodes,
         weights=job.weights,
         keep_checkpoints=config.failure.keep_checkpoints,
     )

@@ -101,8 +101,12 @@ def _trainer(backend: FoldBackend, task: FoldTask, dataset_ref: Any, events: Any
         train_loop_config={"backend": backend, "task": task, "dataset": dataset_ref,
                            "events": events},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # A multi-GPU fold on one node (NCCL over NVLink/PCIe, not the network), unless the
+        # user lets it spread; CPU workers pack where they can.
         scaling_config=ScalingConfig(num_workers=task.workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy="STRICT_PACK" if use_gpu and not task.workers_across_nodes
+                                     else "PACK"),
         run_config=RunConfig(
             # Shown in the Ray dashboard's Train view. Nothing is stored through Ray Train (the
             # backend mirrors its checkpoints itself), so its folder is node-local scratch.

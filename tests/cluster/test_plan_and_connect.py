@@ -100,3 +100,58 @@ def test_address_local_starts_a_cluster_of_our_own():
         assert info.started_here and info.nodes == 1 and info.gpus == 0
     finally:
         ray.shutdown()
+
+
+# ---- sizing from the autoscaler's node types (cluster.yaml: GPU types at 0 nodes at launch) ----
+def _cluster_yaml_types():
+    import yaml
+    from pathlib import Path
+
+    from kfold_ray.cluster._autoscaler import node_types_of
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "cluster.yaml").read_text())
+    return node_types_of(config)
+
+
+def _autoscaled(*, gpu_nodes=(), cpus=8.0):
+    return ClusterInfo(address="10.0.0.1:6379", started_here=False, nodes=1 + len(gpu_nodes),
+                       cpus=cpus + sum(c for c, _ in gpu_nodes), gpus=sum(g for _, g in gpu_nodes),
+                       cpus_per_gpu=min((c / g for c, g in gpu_nodes), default=None),
+                       gpu_nodes=tuple(gpu_nodes), node_types=_cluster_yaml_types())
+
+
+def test_cluster_yaml_s_worker_types_are_read_from_the_file():
+    types = {t.name: (t.cpus, t.gpus, t.max_workers) for t in _cluster_yaml_types()}
+    assert types == {"ray.worker.gpu": (4, 1, 4), "ray.worker.gpu4": (48, 4, 1)}
+
+
+def test_with_no_gpu_node_up_folds_are_sized_for_the_types_the_autoscaler_launches():
+    launch, lines = plan_launch(_autoscaled(), CVConfig(k=5), folds=5)
+    assert (launch.num_gpus, launch.num_cpus) == (1.0, 4.0)  # not 1: the loader gets 3 workers
+    assert "no GPU node is up yet: folds wait while the autoscaler launches them" in lines
+    assert ("CPUs per fold sized for the GPU node types the autoscaler can launch, ray.worker.gpu "
+            "(4 CPUs, 1 GPU), ray.worker.gpu4 (48 CPUs, 4 GPUs): 4 CPUs per GPU, so a fold fits "
+            "on each") in lines
+
+
+def test_a_big_node_up_first_does_not_size_folds_out_of_the_small_nodes():
+    launch, _ = plan_launch(_autoscaled(gpu_nodes=[(48.0, 4.0)]), CVConfig(k=5), folds=5)
+    assert launch.num_cpus == 4.0  # 12 would never fit a g5.xlarge (4 vCPUs)
+    launch, _ = plan_launch(_autoscaled(gpu_nodes=[(48.0, 4.0)]), CVConfig(k=5, gpus_per_fold=0.5),
+                            folds=5)
+    assert launch.num_cpus == 2.0
+
+
+def test_a_multi_gpu_fold_fits_only_the_multi_gpu_type_unless_its_workers_may_spread():
+    launch, lines = plan_launch(_autoscaled(), CVConfig(k=2, gpus_per_fold=2), folds=2)
+    assert (launch.num_cpus, launch.cpus_per_worker, launch.across_nodes) == (24.0, 12.0, False)
+    assert any("ray.worker.gpu4 (48 CPUs, 4 GPUs): 12 CPUs per GPU, so a fold fits on it" in line
+               for line in lines)
+    spread, _ = plan_launch(_autoscaled(), CVConfig(k=2, gpus_per_fold=2, workers_across_nodes=True),
+                            folds=2)
+    assert (spread.num_cpus, spread.across_nodes) == (8.0, True)
+
+
+def test_a_fold_no_node_type_can_host_is_refused_up_front():
+    with pytest.raises(ConfigError, match=r"no GPU node type of this cluster's autoscaler has 8 GPUs"):
+        plan_launch(_autoscaled(), CVConfig(k=2, gpus_per_fold=8), folds=2)

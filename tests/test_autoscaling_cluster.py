@@ -46,6 +46,15 @@ def test_ray_job_submit_on_an_autoscaling_cluster_with_s3(autoscaling_cluster, s
     data = upload_tree(tmp_path / "data", s3.uri("data"))
     run_dir = s3.uri("runs", "run1")
     kfold_ray = str(Path(sys.executable).with_name("kfold-ray"))
+    # Before the run: no GPU node is up, and the doctor says what the autoscaler can launch.
+    import subprocess
+
+    doctor = subprocess.run([kfold_ray, "doctor", "--address", cluster.address, "--storage", run_dir],
+                            env=cluster.driver_env(), capture_output=True, text=True, timeout=300)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert ("no GPU node is up; the autoscaler can launch: ray.worker.gpu (4 CPUs, 1 GPU) x4, "
+            "ray.worker.gpu4 (48 CPUs, 4 GPUs) x1") in doctor.stdout
+    assert "storage ok" in doctor.stdout
     submitted = cluster.ray(
         "job", "submit", "--address", cluster.dashboard_url, "--no-wait", "--",
         kfold_ray, "run", "--annotations", f"{data}/annotations.json", "--images", f"{data}/images",

@@ -32,7 +32,10 @@ def test_unreachable_weights_exit_2_in_seconds_naming_model_weights(tmp_path, we
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"MODEL.WEIGHTS '{weights}' cannot be fetched" in done.stderr
     assert 'train from scratch with --opts MODEL.WEIGHTS ""' in done.stderr
-    assert time.monotonic() - started < 60  # python + detectron2 import + the failed fetch
+    # A hang guard, not a speed test: a fetch that waits out network timeouts and retries takes
+    # many minutes; python + Detectron2's import + the failed fetch take seconds (60+ on a
+    # machine loaded by other jobs, as seen here).
+    assert time.monotonic() - started < 300
     assert not (tmp_path / "run").exists(), "nothing may be written on bad input"
 
 

@@ -1,15 +1,16 @@
 """kfold-ray: out-of-fold Detectron2 predictions for a whole COCO dataset, on Ray.
 
-    from kfold_ray import run_cv
-    result = run_cv("annotations.json", k=5)
+    from kfold_ray import open_run, run_cv
+    result = run_cv("annotations.json", k=5)  # or open_run("runs/mine"): a finished run dir
     result.predictions, result.labels        # cleanlab object-detection formats
+    result.label_issues(top=50)              # the ranking, a pandas DataFrame, worst first
 
 Ray, torch and Detectron2 are imported only when a run starts.
 """
 
 from __future__ import annotations
 
-from ._api import CVResult, run_cv
+from ._api import CVResult, open_run, run_cv
 from ._backend import FoldBackend, FoldTask, Progress
 from ._config import CVConfig, FailureConfig, PredictConfig, TrainConfig
 from ._exceptions import (
@@ -49,5 +50,6 @@ __all__ = [
     "load_coco",
     "make_digits_example",
     "make_fold_plan",
+    "open_run",
     "run_cv",
 ]

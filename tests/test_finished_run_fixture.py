@@ -18,7 +18,7 @@ import pytest
 
 from kfold_ray import run_cv
 from kfold_ray.data._dataset import load_coco
-from kfold_ray.report._finished_run import open_run
+from kfold_ray.report._finished_run import read_finished_run
 from kfold_ray.report._rank import label_issues_for_run
 from kfold_ray.report._page import write_report
 
@@ -39,7 +39,7 @@ def _config(run_dir: Path) -> dict:
 
 def test_the_fixture_reopens_and_reports(copy):
     run_dir, ann, images = copy
-    run = open_run(run_dir, dataset=load_coco(ann, images))
+    run = read_finished_run(run_dir, dataset=load_coco(ann, images))
     folds = json.loads((run_dir / "folds.json").read_text())
     assert run.fold_of_image.tolist() == folds["folds"]
     table = label_issues_for_run(run)

@@ -24,7 +24,7 @@ def test_all_is_pinned():
         "ExampleDataset", "FailureConfig", "FoldBackend", "FoldFailedError", "FoldPlan",
         "FoldTask", "KfoldRayError", "PredictConfig", "Progress", "ResumeError", "StitchError",
         "TrainConfig", "__version__", "load_coco", "make_digits_example", "make_fold_plan",
-        "run_cv",
+        "open_run", "run_cv",
     ])
     for name in kfold_ray.__all__:
         assert hasattr(kfold_ray, name), name

@@ -40,7 +40,7 @@ def write_report(run: FinishedRun, rankings: dict[str, pa.Table], *, top: int = 
     """Write the report page of a finished run; return the path of ``index.html``.
 
     Args:
-        run: the finished run (`kfold_ray.report._finished_run.open_run`).
+        run: the finished run (`kfold_ray.report._finished_run.read_finished_run`).
         rankings: ``{"out_of_fold": table}`` and, where the run has one, ``"in_sample": table``:
             tables from `kfold_ray.report._rank.rank_label_issues`.
         top: how many suspects (worst first) to show as overlays.

@@ -26,7 +26,7 @@ from kfold_ray import run_cv
 from kfold_ray._cli import main
 from kfold_ray.data._dataset import load_coco
 from kfold_ray.report._objectlab import auxiliary_inputs
-from kfold_ray.report._finished_run import open_run
+from kfold_ray.report._finished_run import read_finished_run
 from kfold_ray.report._rank import LABEL_ISSUE_COLUMNS, rank_label_issues
 from kfold_ray._schema import DETECTION_SCHEMA, make_prediction_batch
 
@@ -360,12 +360,12 @@ def test_overlays_mark_the_boxes_concerned_and_survive_an_unreadable_image(finis
     shutil.copytree(result.run_dir, run_dir, ignore=shutil.ignore_patterns("report"))
     config = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**config, "image_root": str(data)}))
-    run = open_run(run_dir)
+    run = read_finished_run(run_dir)
     ranking = label_issues_for_run(run, write=False)
     worst = ranking.slice(0, 1).to_pylist()[0]
     broken = data / worst["file_name"]
     broken.write_bytes(b"\0" * broken.stat().st_size)  # same size: the fingerprint still matches
-    write_report(open_run(run_dir), {"out_of_fold": ranking}, top=2)
+    write_report(read_finished_run(run_dir), {"out_of_fold": ranking}, top=2)
     for rank in (1, 2):
         overlay = Image.open(run_dir / "report" / "suspects" / f"rank_{rank:04d}.png").convert("RGB")
         assert max(overlay.size) == 512

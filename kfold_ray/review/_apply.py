@@ -4,8 +4,8 @@ A fixes file (`read_fixes`: a Label Studio JSON export, or a COCO json from CVAT
 kfold-ray's own COCO subset) names the images that were reviewed and their boxes as the
 reviewer left them. Per reviewed image, each box is matched to a given annotation:
 
-1. by annotation id, where the ids are the dataset's (Label Studio regions ``ann<id>``; a COCO
-   file whose every id is a given annotation of the same image);
+1. by annotation id, where the ids are the dataset's (Label Studio regions ``ann<id>``,
+   FiftyOne's ``coco_id``; a COCO file whose every id is a given annotation of the same image);
 2. else by overlap: the unmatched box and given annotation with the highest IoU (>= 0.5) pair
    up, and so on (tools that renumber annotations).
 
@@ -159,7 +159,7 @@ def apply_review(annotations: str | os.PathLike[str], review: Review) -> Applied
         if image_id in seen:
             raise fail(review.path, f"{im.item}: image {image_id} was already reviewed in {seen[image_id]}")
         seen[image_id] = im.item
-    trust = review.ids_from_tool == "ours" or _ids_are_the_datasets(ds, matched_images)
+    trust = _ids_are_the_datasets(ds, matched_images)
     edits: dict[int, dict[str, Any] | None] = {}  # json row -> its new record (None: deleted)
     added: list[dict[str, Any]] = []
     changes: list[Change] = []
@@ -201,9 +201,10 @@ def _image_of(ds: _Dataset, im: ReviewedImage, path: str) -> int:
 
 
 def _ids_are_the_datasets(ds: _Dataset, images: list[tuple[int, ReviewedImage]]) -> bool:
-    """Whether a COCO file kept the dataset's annotation ids: every box's id is a given
-    annotation of its own image (a tool that renumbers from 1 fails this at once)."""
-    ids = [(i, b.annotation_id) for i, im in images for b in im.boxes]
+    """Whether the ids a file's boxes carry (those not surely ours) are the dataset's: every one
+    is a given annotation of its own image (a tool that renumbers from 1 fails this at once)."""
+    ids = [(i, b.annotation_id) for i, im in images for b in im.boxes
+           if not b.id_is_ours and b.annotation_id is not None]
     if not ids:
         return False
     own = {(i, g.annotation_id) for i, _ in images for g in ds.given[i] if not g.iscrowd}
@@ -261,31 +262,31 @@ def _apply_image(ds: _Dataset, image_id: int, im: ReviewedImage, path: str, trus
 
 def _match(boxes: list[tuple[tuple[float, ...], int, ReviewedBox]], given: list[_Given],
            trust: bool, path: str) -> dict[int, _Given]:
-    """Reviewed box index -> the given annotation it is: by id (``trust``), then by IoU."""
+    """Reviewed box index -> the given annotation it is: by id (its own, or the file's when
+    ``trust``), then by IoU."""
     pairs: dict[int, _Given] = {}
     by_id = {g.annotation_id: g for g in given}
     taken: dict[int, str] = {}
-    if trust:
-        for j, (_, _, b) in enumerate(boxes):
-            if b.annotation_id in by_id:
-                if b.annotation_id in taken:
-                    raise fail(path, f"{b.item}: annotation {b.annotation_id} appears twice "
-                                     f"(also {taken[b.annotation_id]})")
-                taken[b.annotation_id] = b.item
-                pairs[j] = by_id[b.annotation_id]
+    for j, (_, _, b) in enumerate(boxes):
+        if (b.id_is_ours or trust) and b.annotation_id in by_id:
+            if b.annotation_id in taken:
+                raise fail(path, f"{b.item}: annotation {b.annotation_id} appears twice "
+                                 f"(also {taken[b.annotation_id]})")
+            taken[b.annotation_id] = b.item
+            pairs[j] = by_id[b.annotation_id]
     free = [g for g in given if g.annotation_id not in taken]
     rest = [j for j in range(len(boxes)) if j not in pairs]
-    scored = sorted(((_iou(boxes[j][0], g.xywh), -j, -k) for j in rest for k, g in enumerate(free)),
-                    reverse=True)
+    # Best overlap first; ties: the earlier box, the earlier annotation.
+    scored = sorted((-_iou(boxes[j][0], g.xywh), j, k) for j in rest for k, g in enumerate(free))
     used_box, used_given = set(), set()
-    for iou, mj, mk in scored:
-        if iou < MATCH_IOU:
+    for negative_iou, j, k in scored:
+        if -negative_iou < MATCH_IOU:
             break
-        if -mj in used_box or -mk in used_given:
+        if j in used_box or k in used_given:
             continue
-        used_box.add(-mj)
-        used_given.add(-mk)
-        pairs[-mj] = free[-mk]
+        used_box.add(j)
+        used_given.add(k)
+        pairs[j] = free[k]
     return pairs
 
 

@@ -39,15 +39,11 @@ def read_coco_export(doc: dict[str, Any], path: str) -> Review:
         size = (im.get("width"), im.get("height"))
         images[im["id"]] = (im["file_name"], size if all(type(v) is int for v in size) else None)
     boxes: dict[int, list[ReviewedBox]] = {i: [] for i in images}
-    # FiftyOne renumbers annotations but keeps our ids in 'coco_id': then they are ours.
-    ours = bool(doc["annotations"]) and all(
-        isinstance(a, dict) and (a.get("iscrowd") in (1, True) or type(a.get("coco_id")) is int)
-        for a in doc["annotations"])
     for k, a in enumerate(doc["annotations"]):
-        box = _annotation(a, k, names, images, path, id_key="coco_id" if ours else "id")
+        box = _annotation(a, k, names, images, path)
         if box is not None:
             boxes[int(a["image_id"])].append(box)
-    return Review(path=path, format="coco", ids_from_tool="ours" if ours else "maybe", images=tuple(
+    return Review(path=path, format="coco", images=tuple(
         ReviewedImage(None, name, size, tuple(boxes[i]), f"images[{k}] (id {i}, {name!r})")
         for k, (i, (name, size)) in enumerate(images.items())))
 
@@ -62,8 +58,7 @@ def _category_names(categories: list[Any], path: str) -> dict[int, str]:
 
 
 def _annotation(a: Any, k: int, names: dict[int, str],
-                images: dict[int, tuple[str, tuple[int, int] | None]], path: str,
-                id_key: str = "id") -> ReviewedBox | None:
+                images: dict[int, tuple[str, tuple[int, int] | None]], path: str) -> ReviewedBox | None:
     """One annotation as a reviewed box; None for a crowd region (not reviewed)."""
     item = f"annotations[{k}]" + (f" (id {a['id']})" if isinstance(a, dict) and type(a.get("id")) is int else "")
     if not isinstance(a, dict):
@@ -77,6 +72,8 @@ def _annotation(a: Any, k: int, names: dict[int, str],
     bbox = a.get("bbox")
     if not isinstance(bbox, list) or len(bbox) != 4 or any(type(v) not in (int, float) for v in bbox):
         raise fail(path, f"{item}: 'bbox' must be 4 numbers [x, y, width, height], got {bbox!r}")
-    ann_id = a.get(id_key) if type(a.get(id_key)) is int else None
+    # FiftyOne renumbers annotations but keeps ours in 'coco_id' (kfold-ray's FiftyOne export).
+    ours = type(a.get("coco_id")) is int
+    ann_id = a["coco_id"] if ours else (a.get("id") if type(a.get("id")) is int else None)
     return ReviewedBox(label=names[a["category_id"]], box=tuple(float(v) for v in bbox),  # type: ignore[arg-type]
-                       annotation_id=ann_id, item=item)
+                       annotation_id=ann_id, item=item, id_is_ours=ours)

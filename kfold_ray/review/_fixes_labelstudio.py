@@ -46,7 +46,7 @@ def read_labelstudio_export(doc: list[dict[str, Any]], path: str) -> Review:
                              "'file_name'): not a task kfold-ray exported")
         boxes = _boxes(annotation.get("result"), f"{item}, annotation {annotation.get('id', '?')}", path)
         images.append(ReviewedImage(image_id, file_name, None, boxes, item))
-    return Review(path=path, format="labelstudio", images=tuple(images), ids_from_tool="ours")
+    return Review(path=path, format="labelstudio", images=tuple(images))
 
 
 def _newest(task: dict[str, Any], item: str, path: str) -> dict[str, Any] | None:
@@ -100,4 +100,5 @@ def _box(rid: str, value: dict[str, Any], where: str, path: str) -> ReviewedBox:
         raise fail(path, f"{item}: rotated by {rotation!r} degrees; a COCO box cannot be rotated")
     m = _REGION_ID.match(rid)
     return ReviewedBox(label=labels[0], box=tuple(float(v) for v in numbers),  # type: ignore[arg-type]
-                       annotation_id=int(m.group(1)) if m else None, item=item, percent=True)
+                       annotation_id=int(m.group(1)) if m else None, item=item, percent=True,
+                       id_is_ours=m is not None)

@@ -17,9 +17,12 @@ class ReviewedBox:
         label: its class, as the tool names it (the category's name, `class_labels`).
         box: ``[x, y, width, height]``: absolute pixels, or percent of the image's width and
             height when ``percent`` (Label Studio).
-        annotation_id: the COCO annotation id it carries (None: a new box, or one the tool
-            renumbered); used only where the ids can be trusted (`Review.ids_from_tool`).
+        annotation_id: the annotation id it carries (None: a new box).
+        id_is_ours: the id is the dataset's for sure (a Label Studio region ``ann<id>``, a
+            FiftyOne ``coco_id``); else it may be the tool's own numbering, which `_apply`
+            checks before it trusts it.
         item: where it is in the fixes file, for messages (``task 3, region 'ann17'``).
+        percent: ``box`` is in percent of the image (Label Studio), else in pixels.
     """
 
     label: str
@@ -27,6 +30,7 @@ class ReviewedBox:
     annotation_id: int | None
     item: str
     percent: bool = False
+    id_is_ours: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,8 @@ class Review:
         path: the file (for messages).
         format: ``labelstudio`` or ``coco``.
         images: the reviewed images; an image the file does not hold was not reviewed.
-        ids_from_tool: ``"ours"`` when annotation ids are kfold-ray's own (Label Studio region
-            ids ``ann<id>``), ``"maybe"`` when they may have been renumbered (a COCO file: CVAT
-            and FiftyOne write their own), which `_apply` checks before it trusts them.
     """
 
     path: str
     format: str
     images: tuple[ReviewedImage, ...]
-    ids_from_tool: str

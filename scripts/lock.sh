@@ -6,8 +6,8 @@
 #   bash scripts/lock.sh
 #
 # It resolves pyproject.toml's ranges afresh (the current constraints.txt plays no part) in a
-# throwaway venv, with everything set-up can install: torch + torchvision, kfold-ray with its test,
-# review and bench extras, Detectron2's run-time requirements (scripts/install_detectron2.py) and
+# throwaway venv, with everything set-up can install: torch + torchvision, kfold-ray with its test
+# and review extras, Detectron2's run-time requirements (scripts/install_detectron2.py) and
 # boto3 (the head node's autoscaler, cluster.yaml); and pins all of it except kfold-ray and
 # Detectron2 themselves.
 #
@@ -33,7 +33,7 @@ quiet() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 print("\n".join(d.RUNTIME_REQUIREMENTS))' > "$tmp/detectron2.txt"
 echo "[lock] resolving on $("$py" -V) in a throwaway venv (a few minutes: torch is large)" >&2
 quiet "$py" -m pip --disable-pip-version-check -q install \
-  torch torchvision ".[test,review,bench]" -r "$tmp/detectron2.txt" boto3
+  torch torchvision ".[test,review]" -r "$tmp/detectron2.txt" boto3
 "$py" -m pip freeze --all --exclude-editable > "$tmp/freeze.txt"
 "$py" - "$tmp/freeze.txt" "$tmp/pins.txt" <<'EOF'
 import re, sys

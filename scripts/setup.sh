@@ -5,7 +5,7 @@
 #   bash scripts/setup.sh          everything kfold-ray and its tests need (CI, development):
 #                                  also the review tools the tests run for real: FiftyOne (and a
 #                                  MongoDB for it, .venv/opt/mongodb), Label Studio's server in a
-#                                  venv of its own (.venv-labelstudio), FiftyOne Brain (benchmarks)
+#                                  venv of its own (.venv-labelstudio)
 #   bash scripts/setup.sh --node   only what a Ray cluster node runs: torch, Ray (default and train
 #                                  extras), kfold-ray and Detectron2; no test extras, no chromium
 #
@@ -87,7 +87,7 @@ fi
 if [ "$mode" = node ]; then
   "${pip[@]}" install -c constraints.txt -e . 2> >(grep -v "^WARNING: Location" >&2)
 else
-  "${pip[@]}" install -c constraints.txt -e ".[test,review,bench]" 2> >(grep -v "^WARNING: Location" >&2)
+  "${pip[@]}" install -c constraints.txt -e ".[test,review]" 2> >(grep -v "^WARNING: Location" >&2)
   review_tools
 fi
 # Its pip runs (Detectron2's requirements) honour the same pins through PIP_CONSTRAINT.

@@ -32,9 +32,10 @@ def flat_overrides(overrides: Any) -> tuple[str, ...]:
     sequence (as given), or a mapping (its items in order, each value as ``str``). A string is
     refused (a sequence of characters to Python, never what was meant)."""
     if isinstance(overrides, (str, bytes)):
+        text = overrides.decode(errors="replace") if isinstance(overrides, bytes) else overrides
         raise ConfigError(
-            f"overrides must be a KEY VALUE sequence or a dict, not a string: {overrides!r}; "
-            f"write {str(overrides).split()!r} or {{'SOLVER.MAX_ITER': 2000, ...}}")
+            f"overrides must be a KEY VALUE sequence or a dict, not a string: {text!r}; "
+            f"write {text.split()!r} or {{'SOLVER.MAX_ITER': 2000, ...}}")
     if isinstance(overrides, Mapping):
         return tuple(str(x) for item in overrides.items() for x in item)
     try:

@@ -124,7 +124,7 @@ def label_studio(tmp_path_factory):
             return False
 
     try:
-        _wait(ready, proc, log, "label-studio", 300)
+        _wait(ready, proc, log, "label-studio", 600)  # ~30 s on an idle machine
         _enable_legacy_tokens(url, user, password)
         yield url, token
     finally:

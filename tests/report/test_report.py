@@ -117,6 +117,10 @@ def finished(tmp_path_factory):
     injected = {}
     edit_coco(ann, lambda d: injected.update(_corrupt(d)))
     backend = TruthEchoBackend(truth_annotations=str(truth), truth_images=str(images))
+    # Ray's workers unpickle TruthEchoBackend by reference: they must import this module too.
+    here = str(Path(__file__).resolve().parent)
+    if here not in os.environ["PYTHONPATH"].split(os.pathsep):
+        os.environ["PYTHONPATH"] += os.pathsep + here
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:

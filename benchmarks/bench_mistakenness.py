@@ -170,9 +170,10 @@ def _score(ids: list[int], scores: dict[str, dict[int, float]], injected: list[d
         kind_of.setdefault(int(e["image_id"]), set()).add(str(e["kind"]))
     table: dict[str, dict] = {}
     for kind in (*KINDS, "all"):
-        pos = [i for i in ids if i in kind_of and (kind == "all" or kind in kind_of[i])]
-        keep = pos + [i for i in ids if i not in kind_of]
-        y = np.array([i in set(pos) for i in keep])
+        pos = {i for i in ids if i in kind_of and (kind == "all" or kind in kind_of[i])}
+        # Dataset order: a tie (Brain's missing count is 0 on most images) favours no side.
+        keep = [i for i in ids if i in pos or i not in kind_of]
+        y = np.array([i in pos for i in keep])
         row = {"n": len(pos)}
         for name in RANKINGS:
             s = np.array([float(scores[name].get(i, 0.0)) for i in keep])

@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         _train(args, data, run_dir)
     train_s = None if reused else time.perf_counter() - started
 
-    from kfold_ray.report._finished_run import open_run
+    from kfold_ray.report._finished_run import read_finished_run
 
-    run = open_run(run_dir)
+    run = read_finished_run(run_dir)
     results = {}
     for name, in_sample in (("out-of-fold", False), ("in-sample", True)):
         if in_sample and not run.has_in_sample:

@@ -36,6 +36,11 @@ from .data._example import (
 from .data._fold_plan import FoldPlan
 from .data._split import make_fold_plan
 from .report._rank import CALIBRATE_DEFAULT
+# The review commands: `export_for_review` (a finished run's suspects for FiftyOne, Label Studio
+# or CVAT) and `apply_fixes` (a review back into the COCO json).
+from .review._commands import EXPORT_FORMATS, apply_fixes  # noqa: F401  (re-exported)
+from .review._commands import export_run as export_for_review  # noqa: F401
+from .review._suspects import with_image_paths
 from .run import _state
 from .storage import _rundir
 from .storage._storage import Storage, file_sha256
@@ -113,20 +118,47 @@ class CVResult:
                 ``kfold_ray.report._rank.CALIBRATE_DEFAULT``; see `kfold_ray.report._calibrate`).
 
         Returns:
-            A pyarrow Table, worst first: ``rank``, ``image_id``, ``file_name``, ``quality_score``,
-            ``is_issue``, ``issue_kind`` (overlooked / swapped / badly_located), the boxes
-            concerned (``boxes``, JSON), ... (see `kfold_ray.report._rank`).
+            A pandas DataFrame, worst first, one row per image: ``rank``, ``image_id``,
+            ``file_name``, ``image_path`` (the image's resolved path or URI), ``fold``,
+            ``quality_score``, ``is_issue``, ``issue_kind`` (overlooked / swapped /
+            badly_located), ``combined_score``, the boxes concerned (``boxes``, JSON), ... (see
+            `kfold_ray.report._rank`).
         """
-        from .report._finished_run import open_run, synced_run_dir
-        from .report._rank import label_issues_for_run
+        from .report._finished_run import read_finished_run, synced_run_dir
+        from .report._rank import label_issues_for_run, write_label_issues
 
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
             raise ConfigError(f"top must be None or an integer >= 0, got {top!r}")
         with synced_run_dir(self.storage) as local:
-            run = open_run(local, dataset=self.dataset)
-            table = label_issues_for_run(run, in_sample=in_sample,
-                                         calibrate=CALIBRATE_DEFAULT if calibrate is None else calibrate)
-        return table if top is None else table.slice(0, top)
+            run = read_finished_run(local, dataset=self.dataset)
+            table = with_image_paths(label_issues_for_run(
+                run, in_sample=in_sample, write=False,
+                calibrate=CALIBRATE_DEFAULT if calibrate is None else calibrate), self.dataset)
+            write_label_issues(local / _rundir.IN_SAMPLE if in_sample else local, table)
+        return (table if top is None else table.slice(0, top)).to_pandas()
+
+
+def open_run(run_dir: str | os.PathLike[str], *, annotations: str | os.PathLike[str] | None = None,
+             image_root: str | os.PathLike[str] | None = None) -> CVResult:
+    """The `CVResult` of a finished run dir (made by `run_cv`, ``kfold-ray run`` or ``ray job
+    submit``): the same object `run_cv` returned.
+
+    Args:
+        run_dir: the run's folder, a path or a URI (``s3://bucket/runs/run1``).
+        annotations: the COCO json, when it has moved since the run (default: where the run
+            read it, as ``config.json`` records).
+        image_root: the images' folder, when it has moved (default: the recorded one).
+
+    Raises ConfigError when ``run_dir`` holds no finished run, DatasetError when the dataset
+    is gone or differs from the run's (its fingerprint: the json's bytes, the images' names
+    and sizes).
+    """
+    storage = Storage(str(run_dir))
+    dataset, plan, metrics = _state.open_finished(
+        storage, annotations=None if annotations is None else os.fspath(annotations),
+        image_root=None if image_root is None else os.fspath(image_root))
+    return CVResult(run_dir=storage.local_root if storage.is_local else storage.uri,
+                    dataset=dataset, plan=plan, metrics=metrics)
 
 
 def run_cv(
@@ -135,7 +167,7 @@ def run_cv(
     *,
     image_root: str | os.PathLike[str] | None = None,
     model: str = DEFAULT_MODEL,
-    overrides: Sequence[str] | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
     gpus_per_fold: float = 1.0,
     cpus_per_fold: float | None = None,
     workers_per_fold: int | None = None,
@@ -164,7 +196,9 @@ def run_cv(
         k: number of folds (2..number of images).
         image_root: folder of the images (default: the json's folder). Only with a path.
         model: Detectron2 model-zoo config name, YAML path, or preset (``tiny``).
-        overrides: Detectron2 ``KEY VALUE`` overrides, flat, e.g. ``["SOLVER.MAX_ITER", "2000"]``.
+        overrides: Detectron2 ``KEY VALUE`` overrides, flat, e.g. ``["SOLVER.MAX_ITER", "2000"]``,
+            or a dict, e.g. ``{"SOLVER.MAX_ITER": 2000, "SOLVER.STEPS": (1500, 1800)}`` (the
+            same run either way); a bare string is refused.
         gpus_per_fold: GPUs per fold actor; fractional packs folds on one GPU. On a local
             cluster without GPUs, folds train on CPU.
         cpus_per_fold: CPUs per fold actor (its data-loading workers); default: its share of
@@ -203,7 +237,7 @@ def run_cv(
         k=k, split=split if isinstance(split, str) else f"custom:{type(split).__name__}",
         seed=seed, gpus_per_fold=gpus_per_fold, cpus_per_fold=cpus_per_fold,
         workers_per_fold=workers_per_fold, workers_across_nodes=workers_across_nodes,
-        train=TrainConfig(model=model, overrides=tuple(overrides or ()), amp=amp),
+        train=TrainConfig(model=model, overrides=() if overrides is None else overrides, amp=amp),
         predict=PredictConfig(batch_size=batch_size, score_threshold=score_threshold, amp=amp),
         failure=FailureConfig(max_retries=max_retries, checkpoint_period=checkpoint_period,
                               keep_checkpoints=keep_checkpoints),
@@ -381,19 +415,20 @@ class ExampleData:
     injected_errors: str
 
 
-def example_data(run_dir: str, *, n_images: int = 150) -> ExampleData:
+def example_data(run_dir: str, *, n_images: int = 150, seed: int = 0) -> ExampleData:
     """Write the built-in digits example beside ``run_dir`` (``<run-dir>-data``): into the
-    run's storage when ``run_dir`` is a URI, where every node of a cluster reads it."""
+    run's storage when ``run_dir`` is a URI, where every node of a cluster reads it. ``seed``
+    draws its images and errors (the same seed, the same bytes)."""
     from .storage._storage import is_uri
 
     run_dir = str(run_dir).rstrip("/")
     if not is_uri(run_dir):
         example = make_digits_example(Path(run_dir).parent / f"{Path(run_dir).name}-data",
-                                      n_images=n_images)
+                                      n_images=n_images, seed=seed)
         return ExampleData(str(example.annotations_path), str(example.image_dir),
                            str(example.injected_errors_path))
     with tempfile.TemporaryDirectory(prefix="kfold-ray-example-") as tmp:
-        local = make_digits_example(Path(tmp), n_images=n_images)
+        local = make_digits_example(Path(tmp), n_images=n_images, seed=seed)
         data = Storage(f"{run_dir}-data", what="example data")
         data.check_usable()
         for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
@@ -405,11 +440,40 @@ def example_data(run_dir: str, *, n_images: int = 150) -> ExampleData:
 
 def run_example(data: ExampleData, *, run_dir: str, k: int = 3, max_iter: int = EXAMPLE_MAX_ITER,
                 gpus_per_fold: float = 1.0, resume: bool = False,
-                address: str | None = None) -> CVResult:
-    """`run_cv` on the example's data with the example's model and schedule."""
+                address: str | None = None, seed: int = 0) -> CVResult:
+    """`run_cv` on the example's data with the example's model and schedule.
+
+    A run dir that already holds this example run, finished, is reopened (`open_run`; its
+    ``metrics["reopened"]`` is True) rather than refused; one holding another or an unfinished
+    run is refused with what to do (``--resume``, or another run dir)."""
+    overrides = example_overrides(max_iter)
+    storage = Storage(str(run_dir))
+    if not resume and storage.is_file(_rundir.RUN_STATE):
+        return _reopen_example(storage, data, k=k, overrides=overrides, seed=seed)
     return run_cv(data.annotations, k, image_root=data.image_root, model=EXAMPLE_MODEL,
-                  overrides=example_overrides(max_iter), gpus_per_fold=gpus_per_fold,
+                  overrides=overrides, gpus_per_fold=gpus_per_fold, seed=seed,
                   run_dir=run_dir, resume=resume, address=address)
+
+
+def _reopen_example(storage: Storage, data: ExampleData, *, k: int, overrides: list[str],
+                    seed: int) -> CVResult:
+    fresh = f"or choose another --run-dir (e.g. {storage.uri}-2) for a new one"
+    if _state.read_state(storage).get("status") != "finished":
+        raise ConfigError(f"{storage.uri} holds an unfinished example run: finish it with "
+                          f"`kfold-ray example --resume` (same options), {fresh}")
+    made = storage.read_json(_rundir.CONFIG).get("config", {})
+    asked = {"k": k, "seed": seed, "model": EXAMPLE_MODEL, "overrides": overrides}
+    had = {"k": made.get("k"), "seed": made.get("seed"), "model": made.get("train", {}).get("model"),
+           "overrides": list(made.get("train", {}).get("overrides", []))}
+    try:
+        if had != asked:
+            raise ConfigError("")
+        result = open_run(storage.uri, annotations=data.annotations, image_root=data.image_root)
+    except (ConfigError, ValueError):
+        raise ConfigError(f"{storage.uri} holds a finished example run made with other options "
+                          f"(-k, --seed, --max-iter or --images): {fresh}") from None
+    result.metrics["reopened"] = True
+    return result
 
 
 @dataclass(frozen=True)
@@ -435,24 +499,29 @@ def report_run(run_dir: str | os.PathLike[str], *, top: int = 20, calibrate: boo
     """Rank a finished run's images (out-of-fold, and in-sample when it has them), write the
     label-issue tables and the report page into it, and score the ranking against the dataset's
     injected errors (``injected_errors``, else the file beside its annotations, if any)."""
-    from .report._finished_run import open_run, synced_run_dir
+    from .report._finished_run import read_finished_run, synced_run_dir
     from .report._injected import (
         injected_errors_of,
         read_injected_errors,
         score_against_injected,
     )
     from .report._page import write_report
-    from .report._rank import label_issues_for_run
+    from .report._rank import label_issues_for_run, write_label_issues
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise ConfigError(f"--top must be an integer >= 0, got {top!r}")
     calibrate = CALIBRATE_DEFAULT if calibrate is None else calibrate
     storage = Storage(str(run_dir))
     with synced_run_dir(storage) as local:
-        run = open_run(local, dataset=dataset)
-        rankings = {"out_of_fold": label_issues_for_run(run, calibrate=calibrate)}
+        run = read_finished_run(local, dataset=dataset)
+        rankings = {"out_of_fold": label_issues_for_run(run, calibrate=calibrate, write=False)}
         if run.has_in_sample:
-            rankings["in_sample"] = label_issues_for_run(run, in_sample=True, calibrate=calibrate)
+            rankings["in_sample"] = label_issues_for_run(run, in_sample=True, calibrate=calibrate,
+                                                         write=False)
+        for name, table in list(rankings.items()):
+            rankings[name] = with_image_paths(table, run.dataset)
+            write_label_issues(local / _rundir.IN_SAMPLE if name == "in_sample" else local,
+                               rankings[name])
         page = write_report(run, rankings, top=top)
     known = (read_injected_errors(str(injected_errors)) if injected_errors is not None
              else injected_errors_of(run.dataset))
@@ -460,3 +529,4 @@ def report_run(run_dir: str | os.PathLike[str], *, top: int = 20, calibrate: boo
     return RunReport(rankings=rankings,
                      injected=score_against_injected(rankings["out_of_fold"], known or []),
                      files=tuple(storage.uri_of(name) for name in files))
+

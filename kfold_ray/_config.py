@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from ._exceptions import ConfigError
 
@@ -27,6 +27,24 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def flat_overrides(overrides: Any) -> tuple[str, ...]:
+    """Detectron2 overrides as the flat ``(KEY, VALUE, ...)`` tuple of strings: from a flat
+    sequence (as given), or a mapping (its items in order, each value as ``str``). A string is
+    refused (a sequence of characters to Python, never what was meant)."""
+    if isinstance(overrides, (str, bytes)):
+        text = overrides.decode(errors="replace") if isinstance(overrides, bytes) else overrides
+        raise ConfigError(
+            f"overrides must be a KEY VALUE sequence or a dict, not a string: {text!r}; "
+            f"write {text.split()!r} or {{'SOLVER.MAX_ITER': 2000, ...}}")
+    if isinstance(overrides, Mapping):
+        return tuple(str(x) for item in overrides.items() for x in item)
+    try:
+        return tuple(str(x) for x in overrides)
+    except TypeError:
+        raise ConfigError(f"overrides must be a KEY VALUE sequence or a dict, got "
+                          f"{type(overrides).__name__}") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The model each fold trains.
@@ -35,7 +53,9 @@ class TrainConfig:
         model: a Detectron2 model-zoo config name (``COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml``),
             a path to a Detectron2 YAML config, or a kfold-ray preset (``tiny``: a small from-scratch
             Faster R-CNN R18-FPN for CPU tests and the built-in example).
-        overrides: Detectron2 ``KEY VALUE`` pairs, flat (``("SOLVER.MAX_ITER", "500")``).
+        overrides: Detectron2 ``KEY VALUE`` pairs, flat (``("SOLVER.MAX_ITER", "500")``), or a
+            dict (``{"SOLVER.MAX_ITER": 500}``), kept as the flat tuple of strings either way (so
+            a run dir made with either resumes with the other). A bare string is refused.
         amp: mixed precision training on GPU (ignored on CPU).
     """
 
@@ -46,7 +66,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model),
                  f"model must be a model-zoo name, a YAML path or a preset, got {self.model!r}")
-        object.__setattr__(self, "overrides", tuple(str(x) for x in self.overrides))
+        object.__setattr__(self, "overrides", flat_overrides(self.overrides))
         _require(len(self.overrides) % 2 == 0,
                  f"overrides must be KEY VALUE pairs; got an odd number of items: {list(self.overrides)}")
 

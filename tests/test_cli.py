@@ -175,3 +175,82 @@ def test_bad_run_dir_storage_exits_2_before_any_fold_starts(where, dataset, tmp_
             "unreachable endpoint": "cannot reach the storage endpoint"}[where] in done.stderr
     assert "Ray cluster" not in done.stderr, "no cluster may be started for bad input"
     assert list(tmp_path.iterdir()) == [tmp_path / "data"], "nothing written locally"
+
+
+def test_every_flag_has_a_help_line_with_its_default():
+    """What a new user reads in --help: each flag says what it does, and each that takes a value
+    its default; the default model is named with its schedule."""
+    import argparse
+
+    from kfold_ray._cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"run", "validate", "example", "report", "export", "apply"}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{flag} has no help"
+            takes_value = action.nargs != 0 and action.option_strings
+            if takes_value and not action.required:
+                assert "default" in action.help, f"{flag}: its help names no default"
+    run_help = commands["run"].format_help()
+    assert "faster_rcnn_R_50_FPN_3x.yaml" in run_help and "270,000 iterations" in run_help
+    assert "--in-sample" in run_help
+    assert "130" in parser.format_help()
+
+
+def test_run_passes_in_sample_through(monkeypatch, dataset, tmp_path):
+    from kfold_ray import _api
+
+    seen = {}
+
+    def fake_run_cv(*args, **kwargs):  # only what the CLI hands over is checked here
+        seen.update(kwargs)
+        raise _api.ConfigError("stop here")
+
+    monkeypatch.setattr(_api, "run_cv", fake_run_cv)
+    ann, images = dataset
+    assert main(["run", "--annotations", str(ann), "--images", str(images), "--in-sample"]) == 2
+    assert seen["in_sample"] is True
+    assert main(["run", "--annotations", str(ann), "--images", str(images)]) == 2
+    assert seen["in_sample"] is False
+
+
+def test_validate_warns_of_unusable_masks_without_failing(tmp_path, capsys):
+    ann, images = make_coco(tmp_path / "data", n_images=6, segmentation="polygon")
+    edit_coco(ann, lambda d: d["annotations"][2].update(segmentation=[[1, 2, 3]]))
+    assert main(["validate", "--annotations", str(ann), "--images", str(images)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kfold-ray: warning: 1 segmentation cannot be used")
+    assert "annotations[2]" in err and "MODEL.MASK_ON" in err
+
+
+def test_a_second_example_reports_the_finished_run_or_says_what_to_do(ray_local, tmp_path, capsys):
+    from fakes import EchoBackend
+
+    from kfold_ray import run_cv
+    from kfold_ray._api import example_data
+    from kfold_ray.data._example import EXAMPLE_MODEL, example_overrides
+
+    run_dir = tmp_path / "example"
+    data = example_data(str(run_dir), n_images=30)
+    # A finished example run, made fast: the example's config, an echoing backend.
+    run_cv(data.annotations, 3, image_root=data.image_root, model=EXAMPLE_MODEL,
+           overrides=example_overrides(), gpus_per_fold=0, run_dir=run_dir, backend=EchoBackend(),
+           progress=False)
+    ray_local.shutdown()
+    assert main(["example", "--run-dir", str(run_dir), "--images", "30"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir} already holds this finished example run: reporting it again" in out
+    assert "label issues: the 3 injected errors" in out
+    assert main(["example", "--run-dir", str(run_dir), "--images", "30", "-k", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "made with other options" in err and "--run-dir" in err, err
+    state = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**state, "status": "running"}))
+    assert main(["example", "--run-dir", str(run_dir), "--images", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished example run: finish it with `kfold-ray example --resume`" in err, err

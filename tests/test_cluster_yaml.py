@@ -103,7 +103,7 @@ def test_node_setup_mode() -> None:
     bad = subprocess.run(["bash", str(setup), "--nod"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
     text = setup.read_text()
-    assert 'install -c constraints.txt -e ".[test]"' in text  # the default: CI and development
+    assert 'install -c constraints.txt -e ".[test,review]"' in text  # the default: CI and development
     assert "install -c constraints.txt -e ." in text  # --node: no extras
     assert "PIP_CONSTRAINT=constraints.txt" in text  # Detectron2's own pip runs
     assert "constraints.txt" in re.search(r"inputs=\(([^)]*)\)", text).group(1)  # in the stamp

@@ -18,7 +18,7 @@ import pytest
 
 from kfold_ray import run_cv
 from kfold_ray.data._dataset import load_coco
-from kfold_ray.report._finished_run import open_run
+from kfold_ray.report._finished_run import read_finished_run
 from kfold_ray.report._rank import label_issues_for_run
 from kfold_ray.report._page import write_report
 
@@ -37,9 +37,43 @@ def _config(run_dir: Path) -> dict:
     return json.loads((run_dir / "config.json").read_text())["config"]
 
 
+def test_the_fixture_opens_as_a_cvresult(copy):
+    """`kfold_ray.open_run` on a run dir written by an earlier version, its dataset moved (the
+    fixture's config.json names the paths of the machine that made it)."""
+    from kfold_ray import open_run
+
+    run_dir, ann, images = copy
+    result = open_run(run_dir, annotations=ann, image_root=images)
+    assert result.run_dir == run_dir
+    assert result.fold_of_image.tolist() == json.loads((run_dir / "folds.json").read_text())["folds"]
+    assert result.metrics == json.loads((run_dir / "metrics.json").read_text())
+    assert len(result.predictions) == result.dataset.num_images == 8
+    issues = result.label_issues(top=3)
+    assert len(issues) == 3 and issues["image_path"].tolist() == [
+        str(images / name) for name in issues["file_name"]]
+
+
+def test_open_run_refuses_another_dataset_and_an_unfinished_run(copy):
+    from kfold_ray import ConfigError, DatasetError, open_run
+
+    run_dir, ann, images = copy
+    doc = json.loads(ann.read_text())
+    doc["annotations"][0]["category_id"] = 3
+    changed = ann.with_name("changed.json")
+    changed.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=r"changed.json: not the dataset of run .*fingerprint"):
+        open_run(run_dir, annotations=changed, image_root=images)
+    state = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**state, "status": "running"}))
+    with pytest.raises(ConfigError, match="the run is not finished"):
+        open_run(run_dir, annotations=ann, image_root=images)
+    with pytest.raises(ConfigError, match="not a kfold-ray run dir"):
+        open_run(images, annotations=ann, image_root=images)
+
+
 def test_the_fixture_reopens_and_reports(copy):
     run_dir, ann, images = copy
-    run = open_run(run_dir, dataset=load_coco(ann, images))
+    run = read_finished_run(run_dir, dataset=load_coco(ann, images))
     folds = json.loads((run_dir / "folds.json").read_text())
     assert run.fold_of_image.tolist() == folds["folds"]
     table = label_issues_for_run(run)
@@ -49,16 +83,21 @@ def test_the_fixture_reopens_and_reports(copy):
     assert page.is_file() and "<html" in page.read_text(encoding="utf-8").lower()
 
 
-def test_the_fixture_resumes_without_training_again(copy):
+@pytest.mark.parametrize("form", ["flat", "dict"])
+def test_the_fixture_resumes_without_training_again(copy, form):
+    """The overrides as the run recorded them (a flat KEY VALUE list), or as a dict: the same
+    fingerprint, so the old run dir resumes either way."""
     run_dir, ann, images = copy
     before = pq.read_table(run_dir / "predictions.parquet")
     logs = {p: p.read_bytes() for p in (run_dir / "folds").rglob("log.txt")}
     c = _config(run_dir)
+    flat = c["train"]["overrides"]
+    overrides = flat if form == "flat" else dict(zip(flat[::2], flat[1::2]))
     import ray
 
     try:
         result = run_cv(ann, c["k"], image_root=images, model=c["train"]["model"],
-                        overrides=c["train"]["overrides"], gpus_per_fold=c["gpus_per_fold"],
+                        overrides=overrides, gpus_per_fold=c["gpus_per_fold"],
                         run_dir=run_dir, score_threshold=c["predict"]["score_threshold"],
                         batch_size=c["predict"]["batch_size"], resume=True, progress=False,
                         address="local")

@@ -156,7 +156,7 @@ def test_no_circle(graph):
 
 def test_every_layer_entry_exists(graph):
     """A layer that names nothing is a typo (entries for stages still to come are marked)."""
-    to_come = {"kfold_ray.review"}
+    to_come: set[str] = set()
     for entries in LAYERS:
         for entry in entries:
             if entry not in to_come:

@@ -23,8 +23,8 @@ def test_all_is_pinned():
         "CVConfig", "CVResult", "Category", "CocoDataset", "ConfigError", "DatasetError",
         "ExampleDataset", "FailureConfig", "FoldBackend", "FoldFailedError", "FoldPlan",
         "FoldTask", "KfoldRayError", "PredictConfig", "Progress", "ResumeError", "StitchError",
-        "TrainConfig", "__version__", "load_coco", "make_digits_example", "make_fold_plan",
-        "run_cv",
+        "TrainConfig", "__version__", "apply_fixes", "export_for_review", "load_coco", "make_digits_example", "make_fold_plan",
+        "open_run", "run_cv",
     ])
     for name in kfold_ray.__all__:
         assert hasattr(kfold_ray, name), name

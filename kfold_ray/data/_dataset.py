@@ -214,6 +214,39 @@ class CocoDataset:
                     "load_coco), which MODEL.MASK_ON needs")
         return self.segmentations.missing
 
+    @property
+    def mask_problems(self) -> tuple[str, ...]:
+        """The segmentations that cannot be used, one line each (``"<file>: annotations[3] (id
+        4): 'segmentation' RLE 'counts' cover 120 pixels, not height x width = ..."``); their
+        annotations hold no mask. Empty when every segmentation is fine."""
+        return () if self.segmentations is None else self.segmentations.problems
+
+    def mask_error(self) -> DatasetError | None:
+        """What stops a model that trains masks (``MODEL.MASK_ON``): every unusable
+        segmentation (`mask_problems`), else the first non-crowd annotation without one
+        (`segmentation_problem`); None when the masks can be trained."""
+        seg = self.segmentations
+        if seg is not None and seg.problems:
+            first = seg.problems[0]
+            prefix = f"{self.annotations_path}: "
+            return DatasetError(first[len(prefix):] if first.startswith(prefix) else first,
+                                path=str(self.annotations_path), problems=list(seg.problems),
+                                problem_count=seg.problem_count)
+        problem = self.segmentation_problem()
+        return None if problem is None else DatasetError(problem, path=str(self.annotations_path))
+
+    def mask_warning(self) -> str | None:
+        """One line for a model that trains boxes only, when some segmentations cannot be used
+        (they are ignored: the model never reads them); None when all are fine."""
+        seg = self.segmentations
+        if seg is None or not seg.problems:
+            return None
+        n = seg.problem_count
+        first = seg.problems[0]
+        return (f"{n} annotation{'s have a segmentation' if n > 1 else ' has a segmentation'} that "
+                f"cannot be used, ignored since the model trains boxes only (an error with "
+                f"MODEL.MASK_ON); the first: {first}")
+
     # ---- excluded images --------------------------------------------------------------------
     def excluded_records(self) -> list[dict[str, Any]]:
         """The excluded images as JSON-able dicts: ``image_id``, ``file_name``, ``reason``."""
@@ -297,7 +330,10 @@ def load_coco(
     annotations are kept. Soft problems (a category with no annotations, a category name used
     twice) are ``UserWarning``s.
 
-    Segmentations (polygons or RLE) are checked and kept (``CocoDataset.segmentations``).
+    Segmentations (polygons or RLE) are checked and kept (``CocoDataset.segmentations``); one
+    that cannot be used (a bad polygon, an RLE that does not fit its image) is not an error here
+    but listed in ``CocoDataset.mask_problems``: only a model that trains masks needs it, and
+    the backend decides (`CocoDataset.mask_error`, `CocoDataset.mask_warning`).
 
     Raises:
         DatasetError: every problem found, in the order structure, categories, images,

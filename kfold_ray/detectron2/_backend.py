@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,7 @@ import numpy as np
 from .. import _node
 from .._backend import DiscardParts, FoldEvent, FoldTask, Trained, worker_share
 from .._config import TrainConfig
-from .._exceptions import ConfigError, DatasetError, FoldOutOfMemoryError, one_line
+from .._exceptions import ConfigError, FoldOutOfMemoryError, one_line
 from .._node import node_name
 from ..data._dataset import CocoDataset
 from ..storage import _rundir
@@ -50,10 +51,14 @@ class Detectron2Backend:
                 f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is the total batch of a fold's "
                 f"{workers} workers and must divide evenly among them: set it to a multiple of "
                 f"{workers} (--opts SOLVER.IMS_PER_BATCH {workers * max(1, cfg.SOLVER.IMS_PER_BATCH // workers)})")
+        # Segmentations are checked when the dataset loads, but only a model that trains masks
+        # reads them: for a box detector a sloppy mask is a warning, not a reason to stop.
         if cfg.MODEL.MASK_ON:
-            problem = dataset.segmentation_problem()
-            if problem:
-                raise DatasetError(problem, path=str(dataset.annotations_path))
+            error = dataset.mask_error()
+            if error is not None:
+                raise error
+        elif (warning := dataset.mask_warning()) is not None:
+            warnings.warn(warning, UserWarning, stacklevel=2)
 
     def describe(self, train: TrainConfig, dataset: CocoDataset) -> str:
         """The merged config every fold trains with, as YAML (Detectron2's ``cfg.dump()``).

@@ -21,7 +21,7 @@ from ..storage._storage import Storage
 if TYPE_CHECKING:
     from ..data._dataset import CocoDataset
 
-__all__ = ["FinishedRun", "open_run", "synced_run_dir"]
+__all__ = ["FinishedRun", "read_finished_run", "synced_run_dir"]
 
 IN_SAMPLE_DIR = _rundir.IN_SAMPLE
 PREDICTIONS = _rundir.PREDICTIONS_PARQUET
@@ -85,7 +85,7 @@ class FinishedRun:
         return (self.run_dir / IN_SAMPLE_DIR / PREDICTIONS).is_file()
 
 
-def open_run(run_dir: str | os.PathLike[str], *, dataset: CocoDataset | None = None) -> FinishedRun:
+def read_finished_run(run_dir: str | os.PathLike[str], *, dataset: CocoDataset | None = None) -> FinishedRun:
     """Open a finished run dir; reload its dataset (or check that ``dataset`` is the run's).
 
     Raises:

@@ -2,17 +2,23 @@
 
 `write_report` writes ``RUN_DIR/report/``:
 
-    index.html              the page: no script, no network, every text HTML-escaped
+    index.html              the page: one file that can be mailed or moved alone. Its pictures
+                            are embedded (data: URIs): the plots as they are, each suspect's
+                            overlay as a thumbnail of at most `THUMB_SIDE` px and
+                            `THUMB_MAX_BYTES` (linked to its full-size file). No script, no
+                            network, every text HTML-escaped.
     ap.png                  per-fold, pooled (and in-sample) COCO AP and AP50
     quality.png             distribution of cleanlab's label quality scores
-    suspects/rank_0001.png  one overlay per suspect image, worst first
+    suspects/rank_0001.png  one overlay per suspect image, worst first, full size
 
 The overlays come from `kfold_ray.report._overlays`; matplotlib (Agg) draws the plots.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import math
 from pathlib import Path
@@ -32,6 +38,10 @@ if TYPE_CHECKING:
 __all__ = ["write_report"]
 
 REPORT_DIR = "report"
+#: A suspect's thumbnail on the page: at most this many px on its long side, and this many bytes
+#: (20 suspects stay under ~2 MB: a page that can be mailed).
+THUMB_SIDE = 384
+THUMB_MAX_BYTES = 100_000
 KIND_TEXT = {"overlooked": "overlooked object", "swapped": "swapped class",
              "badly_located": "badly located box", "": "no specific problem found"}
 
@@ -40,7 +50,7 @@ def write_report(run: FinishedRun, rankings: dict[str, pa.Table], *, top: int = 
     """Write the report page of a finished run; return the path of ``index.html``.
 
     Args:
-        run: the finished run (`kfold_ray.report._finished_run.open_run`).
+        run: the finished run (`kfold_ray.report._finished_run.read_finished_run`).
         rankings: ``{"out_of_fold": table}`` and, where the run has one, ``"in_sample": table``:
             tables from `kfold_ray.report._rank.rank_label_issues`.
         top: how many suspects (worst first) to show as overlays.
@@ -67,9 +77,32 @@ def write_report(run: FinishedRun, rankings: dict[str, pa.Table], *, top: int = 
     for stale in (out / "suspects").glob("rank_*.png"):
         if stale.name not in written:
             stale.unlink()
-    page = _page(run, rankings, suspects)
+    page = _page(run, rankings, suspects, out)
     write_text(out / "index.html", page)  # last: its presence means the folder is whole
     return out / "index.html"
+
+
+def _embedded(path: Path, *, thumbnail: bool = False) -> str:
+    """The picture at ``path`` as a data: URI; a thumbnail (`THUMB_SIDE`, `THUMB_MAX_BYTES`:
+    PNG when it fits, else JPEG, smaller until it fits) when asked."""
+    data = path.read_bytes()
+    if not thumbnail:
+        return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        side = THUMB_SIDE
+        while True:
+            small = im.copy()
+            small.thumbnail((side, side), Image.LANCZOS)
+            for fmt, options in (("PNG", {"optimize": True}), ("JPEG", {"quality": 85})):
+                buffer = io.BytesIO()
+                small.save(buffer, format=fmt, **options)
+                if buffer.tell() <= THUMB_MAX_BYTES or side <= 64:
+                    kind = "png" if fmt == "PNG" else "jpeg"
+                    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            side = int(side * 0.8)
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -193,7 +226,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _page(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[str, Any]]) -> str:
+def _page(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[str, Any]],
+          out: Path) -> str:
     injected = injected_errors_of(run.dataset)  # the example's answer key, when the dataset has one
     parts = [
         "<!DOCTYPE html>",
@@ -204,12 +238,12 @@ def _page(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[s
         f"<h1>Label-issue report: {_e(run.run_dir.name)}</h1>",
         _summary_section(run, rankings),
         _injected_section(rankings, injected),
-        _ap_section(run),
-        _quality_section(rankings),
+        _ap_section(run, out),
+        _quality_section(rankings, out),
     ]
     if "in_sample" in rankings:
         parts.append(_comparison_section(run, rankings, len(suspects)))
-    parts += [_suspects_section(run, rankings, suspects, injected), "</body></html>"]
+    parts += [_suspects_section(run, rankings, suspects, out, injected), "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
@@ -257,20 +291,20 @@ def _injected_section(rankings: dict[str, pa.Table], injected: list[dict[str, An
             + _table(["ranking", f"in the top {n}", f"precision@{n}", "AUROC"], rows))
 
 
-def _ap_section(run: FinishedRun) -> str:
+def _ap_section(run: FinishedRun, out: Path) -> str:
     rows = [(name, _stat(s, "AP"), _stat(s, "AP50"), _stat(s, "AP75"), s.get("num_images", "?"),
              s.get("num_detections", "?")) for name, s in _fold_stats(run.metrics)]
     return ("<h2>Detection quality (COCO box AP)</h2>"
             + _table(["", "AP", "AP50", "AP75", "images", "detections"], rows)
-            + '<p><img src="ap.png" alt="bar plot of AP and AP50 per fold and pooled"></p>')
+            + f'<p><img src="{_embedded(out / "ap.png")}" alt="bar plot of AP and AP50 per fold and pooled"></p>')
 
 
-def _quality_section(rankings: dict[str, pa.Table]) -> str:
+def _quality_section(rankings: dict[str, pa.Table], out: Path) -> str:
     oof = rankings["out_of_fold"]
     kinds = oof.column("issue_kind").to_pylist()
     counts = ", ".join(f"{KIND_TEXT[k]}: {kinds.count(k)}" for k in ISSUE_KINDS)
     return ("<h2>Label quality scores</h2>"
-            '<p><img src="quality.png" alt="histogram of label quality scores"></p>'
+            f'<p><img src="{_embedded(out / "quality.png")}" alt="histogram of label quality scores"></p>'
             f"<p>Images with a likely problem named (the rest show no sign of one): {_e(counts)}.</p>")
 
 
@@ -302,7 +336,7 @@ def _comparison_section(run: FinishedRun, rankings: dict[str, pa.Table], top: in
 
 
 def _suspects_section(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[str, Any]],
-                      injected: list[dict[str, Any]] | None = None) -> str:
+                      out: Path, injected: list[dict[str, Any]] | None = None) -> str:
     in_rank = {}
     if "in_sample" in rankings:
         ins = rankings["in_sample"]
@@ -316,12 +350,13 @@ def _suspects_section(run: FinishedRun, rankings: dict[str, pa.Table], suspects:
     known: dict[int, list[dict[str, Any]]] = {}
     for e in injected or []:
         known.setdefault(int(e["image_id"]), []).append(e)
-    cards = [_card(run, s, in_rank.get(s["image_index"]), known.get(int(s["image_id"]))) for s in suspects]
+    cards = [_card(run, s, out, in_rank.get(s["image_index"]), known.get(int(s["image_id"])))
+             for s in suspects]
     return (f"<h2>Top {len(suspects)} suspects</h2>" + legend
             + '<div class="cards">' + "".join(cards) + "</div>")
 
 
-def _card(run: FinishedRun, s: dict[str, Any], in_sample: tuple[int, float] | None,
+def _card(run: FinishedRun, s: dict[str, Any], out: Path, in_sample: tuple[int, float] | None,
           injected: list[dict[str, Any]] | None = None) -> str:
     name = f"suspects/rank_{s['rank']:04d}.png"
     lines = [_injected_line(e) for e in injected or []] + [
@@ -341,7 +376,9 @@ def _card(run: FinishedRun, s: dict[str, Any], in_sample: tuple[int, float] | No
         lines.append(f"<p>{_e(_describe(b))}</p>")
     alt = f"image {s['image_id']} with given and predicted boxes"
     frame = "card injected" if injected else "card"
-    return (f'<div class="{frame}"><img src="{name}" alt="{_e(alt)}">' + "".join(lines) + "</div>")
+    thumb = _embedded(out / name, thumbnail=True)  # the page stands alone; the link: full size
+    return (f'<div class="{frame}"><a href="{name}"><img src="{thumb}" alt="{_e(alt)}"></a>'
+            + "".join(lines) + "</div>")
 
 
 def _injected_line(e: dict[str, Any]) -> str:

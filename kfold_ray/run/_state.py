@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .._config import CVConfig
-from .._exceptions import ConfigError, ResumeError
+from .._exceptions import ConfigError, DatasetError, ResumeError
 from .._version import __version__
 from ..data._dataset import CocoDataset
 from ..data._fold_plan import FoldPlan
@@ -179,3 +179,65 @@ def check_devices(storage: Storage, folds: list[int], *, gpus_per_fold: float) -
             f"{storage.uri}: fold(s) {folds_text} trained on {was} and this resume would go on "
             f"with {now_on}: a checkpoint cannot move between CPU and GPU; resume with {back} "
             "as the run started, or start a new --run-dir")
+# ---- a finished run, reopened -----------------------------------------------------------------------
+def open_finished(storage: Storage, *, annotations: str | None = None,
+                  image_root: str | None = None) -> tuple[CocoDataset, FoldPlan, dict[str, Any]]:
+    """(dataset, fold plan, metrics) of a finished run dir, its dataset reloaded and checked
+    against the run's fingerprint.
+
+    ``annotations`` and ``image_root`` point at a dataset that has moved since the run (the
+    same bytes elsewhere); by default the ones ``config.json`` records. With ``annotations``
+    alone the images are looked for under the recorded image root.
+
+    Raises ConfigError (not a finished run, a file missing or unreadable) or DatasetError (the
+    dataset is gone, or it changed since the run), each naming the file.
+    """
+    from ..data._dataset import load_coco
+    from ..storage._rundir import METRICS, PREDICTIONS_PARQUET
+
+    if not storage.is_file(RUN_STATE):
+        raise ConfigError(f"{storage.uri}: not a kfold-ray run dir (no {RUN_STATE})")
+    state = read_state(storage)
+    if state.get("status") != "finished":
+        raise ConfigError(f"{storage.uri}: the run is not finished (status {state.get('status')!r}); "
+                          "finish it with `kfold-ray run ... --resume` first")
+    config = _read_record(storage, CONFIG)
+    metrics = _read_record(storage, METRICS)
+    if not storage.is_file(PREDICTIONS_PARQUET):
+        raise ConfigError(f"{storage.uri}: {PREDICTIONS_PARQUET} is missing; not a finished kfold-ray run")
+    try:
+        annotations = annotations if annotations is not None else config["annotations"]
+        image_root = image_root if image_root is not None else config["image_root"]
+    except KeyError:
+        raise ConfigError(f"{storage.uri_of(CONFIG)}: no annotations/image_root recorded; "
+                          "pass annotations= and image_root=") from None
+    # A run that left unreadable images out must leave the same ones out again (which needs the
+    # images looked at); else the files only need to exist.
+    excluded = bool(config.get("exclude_unreadable"))
+    dataset = load_coco(str(annotations), str(image_root), check_images=excluded,
+                        exclude_unreadable=excluded)
+    expected = config.get("dataset_fingerprint")
+    if expected and dataset.fingerprint != expected:
+        raise DatasetError(
+            f"not the dataset of run {storage.uri} (fingerprint {dataset.fingerprint[:12]}, the "
+            f"run used {str(expected)[:12]}): the annotations or the images changed since the run, "
+            "so its predictions no longer line up with the labels", path=str(dataset.annotations_path))
+    try:
+        plan = read_plan(storage)
+        plan.check_matches(dataset)
+    except ResumeError as e:
+        raise ConfigError(str(e)) from None
+    return dataset, plan, metrics
+
+
+def _read_record(storage: Storage, name: str) -> dict[str, Any]:
+    where = storage.uri_of(name)
+    try:
+        doc = storage.read_json(name)
+    except FileNotFoundError:
+        raise ConfigError(f"{storage.uri}: not a finished kfold-ray run dir (no {name})") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: unreadable ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: not a JSON object")
+    return doc

@@ -958,12 +958,22 @@ BAD_SEGMENTATIONS = [
 
 
 @pytest.mark.parametrize("spoil, pattern", BAD_SEGMENTATIONS)
-def test_bad_segmentation_is_a_one_line_error(tmp_path, spoil, pattern):
+def test_bad_segmentation_is_one_line_for_the_mask_trainer_only(tmp_path, spoil, pattern):
+    """A segmentation that cannot be used does not stop the load (a box detector never reads
+    it): it is listed, its row holds no mask, and `mask_error` is the one-line error a model
+    that trains masks raises."""
     ann, img_dir = make_coco(tmp_path, segmentation="polygon")
     spoil(ann, img_dir)
-    err = _error(lambda: load_coco(ann, img_dir))
-    assert err.problem_count == 1 and re.search(pattern, err.message), err.message
+    ds = load_coco(ann, img_dir)
+    assert len(ds.mask_problems) == 1 and ds.mask_problems[0].startswith(f"{ann}: ")
+    row = list(ds.ann_ids).index(4)
+    assert ds.segmentation(row) is None
+    err = ds.mask_error()
+    assert isinstance(err, DatasetError) and err.problem_count == 1
+    assert re.search(pattern, err.message), err.message
     assert err.path == str(ann) and str(err) == f"{err.path}: {err.message}"
+    assert ds.mask_warning().startswith("1 annotation has a segmentation that cannot be used, "
+                                        "ignored since the model trains boxes only")
 
 
 def test_rle_string_total_matches_pycocotools():
@@ -998,17 +1008,27 @@ def test_excluded_images_take_their_masks_along(tmp_path):
     assert len(seg) == len(ds.ann_ids) and seg.rle_sizes.shape == (len(seg.rle_counts), 2)
 
 
-def test_segmentation_problems_are_reported_with_the_others(tmp_path):
+def test_segmentation_problems_are_kept_apart_from_the_others(tmp_path):
     def spoil(d):
         d["annotations"][2]["segmentation"] = [[1, 2, 3]]
         d["annotations"][5]["segmentation"] = {"size": [1, 1], "counts": [1]}
-        d["annotations"][5]["bbox"] = [0, 0, 0, 1]
 
     ann, img_dir = make_coco(tmp_path, segmentation="polygon", mutate=spoil)
+    ds = load_coco(ann, img_dir)
+    assert [p.split(": ")[1] for p in ds.mask_problems] == ["annotations[2] (id 3)", "annotations[5] (id 6)"]
+    assert "RLE 'size' [1, 1] does not match" in ds.mask_problems[1]
+    assert ds.mask_error().problems == list(ds.mask_problems)
+    assert ds.mask_warning().startswith("2 annotations have a segmentation that cannot be used")
+    # A box problem is still an error at load time, and the mask problems do not hide it.
+    spoil_box = doc_edit(lambda d: d["annotations"][5].update(bbox=[0, 0, 0, 1]))
+    spoil_box(ann, img_dir)
     err = _error(lambda: load_coco(ann, img_dir))
-    assert [p.split(": ")[1] for p in err.problems] == ["annotations[2] (id 3)", "annotations[5] (id 6)",
-                                                         "annotations[5] (id 6)"]
-    assert "has zero width" in err.problems[1] and "RLE 'size' [1, 1] does not match" in err.problems[2]
+    assert err.problem_count == 1 and "has zero width" in err.problems[0]
+
+
+def test_clean_masks_give_neither_error_nor_warning(tmp_path):
+    ds = load_coco(*make_coco(tmp_path, segmentation="mixed"))
+    assert ds.mask_problems == () and ds.mask_error() is None and ds.mask_warning() is None
 
 
 def test_huge_integers_are_one_line_errors(tmp_path):
@@ -1019,7 +1039,11 @@ def test_huge_integers_are_one_line_errors(tmp_path):
 
     ann, img_dir = make_coco(tmp_path, segmentation="polygon", mutate=spoil)
     err = _error(lambda: load_coco(ann, img_dir))
-    assert err.problem_count == 3, err.problems
+    assert err.problem_count == 1, err.problems
     assert "'bbox' " in err.problems[0] and err.problems[0].endswith("is not finite")
-    assert "polygon 0" in err.problems[1] and "is not finite" in err.problems[1]
-    assert "RLE 'counts'" in err.problems[2]
+    d = read_coco(ann)
+    d["annotations"][1]["bbox"] = [0, 0, 3, 3]
+    ann.write_text(json.dumps(d))
+    masks = load_coco(ann, img_dir).mask_problems
+    assert "polygon 0" in masks[0] and "is not finite" in masks[0]
+    assert "RLE 'counts'" in masks[1] and len(masks) == 2

@@ -79,3 +79,30 @@ def test_mask_rcnn_on_boxes_only_is_refused_before_any_fold(tiny):
     with pytest.raises(DatasetError, match=r"which MODEL.MASK_ON needs"):
         Detectron2Backend().validate(TrainConfig(model="tiny", overrides=("MODEL.MASK_ON", "True")),
                                      dataset)
+
+
+def test_a_bad_crowd_rle_stops_mask_training_only(tmp_path):
+    """A crowd RLE that does not cover its image (height x width) is loaded; Mask R-CNN refuses
+    it in one line naming the annotation, a box detector warns once and goes on."""
+    import json
+    import warnings
+
+    from kfold_ray import DatasetError
+
+    ann, images = make_coco(tmp_path / "data", n_images=4, segmentation="polygon")
+    doc = json.loads(ann.read_text())
+    doc["annotations"][1].update(iscrowd=1, segmentation={"size": [80, 96], "counts": [100, 20]})
+    ann.write_text(json.dumps(doc))
+    dataset = load_coco(ann, images)  # no error: only masks need it
+    bad_id = doc["annotations"][1]["id"]
+    with pytest.raises(DatasetError, match=rf"^{ann}: annotations\[1\] \(id {bad_id}\): "
+                                           r"'segmentation' RLE 'counts' cover 120 pixels"):
+        Detectron2Backend().validate(TrainConfig(model="tiny", overrides=("MODEL.MASK_ON", "True")),
+                                     dataset)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Detectron2Backend().validate(TrainConfig(model="tiny"), dataset)
+    lines = [str(w.message) for w in seen if issubclass(w.category, UserWarning)
+             and "segmentation" in str(w.message)]
+    assert len(lines) == 1 and lines[0].startswith(
+        "1 annotation has a segmentation that cannot be used, ignored since the model trains boxes only")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,7 +27,8 @@ from kfold_ray import run_cv
 from kfold_ray._cli import main
 from kfold_ray.data._dataset import load_coco
 from kfold_ray.report._objectlab import auxiliary_inputs
-from kfold_ray.report._finished_run import open_run
+from kfold_ray.report._finished_run import read_finished_run
+from kfold_ray.report._page import THUMB_MAX_BYTES, THUMB_SIDE
 from kfold_ray.report._rank import LABEL_ISSUE_COLUMNS, rank_label_issues
 from kfold_ray._schema import DETECTION_SCHEMA, make_prediction_batch
 
@@ -115,7 +117,12 @@ def finished(tmp_path_factory):
     injected = {}
     edit_coco(ann, lambda d: injected.update(_corrupt(d)))
     backend = TruthEchoBackend(truth_annotations=str(truth), truth_images=str(images))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Ray's workers unpickle TruthEchoBackend by reference: they must import this module too.
+    here = str(Path(__file__).resolve().parent)
+    if here not in os.environ["PYTHONPATH"].split(os.pathsep):
+        os.environ["PYTHONPATH"] += os.pathsep + here
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     try:
         result = run_cv(ann, 3, image_root=images, gpus_per_fold=0, run_dir=root / "run",
                         backend=backend, progress=False, batch_size=4, in_sample=True)
@@ -124,10 +131,19 @@ def finished(tmp_path_factory):
     return result, injected
 
 
+def _ranking(result, **kwargs) -> pa.Table:
+    """``result.label_issues()`` (a DataFrame) as an Arrow table, for the checks below."""
+    return pa.Table.from_pandas(result.label_issues(**kwargs), preserve_index=False)
+
+
 def test_injected_errors_rank_first_with_their_kind(finished):
     result, injected = finished
-    table = result.label_issues()
-    assert table.column_names == list(LABEL_ISSUE_COLUMNS)
+    frame = result.label_issues()
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns) == [*LABEL_ISSUE_COLUMNS[:4], "image_path", *LABEL_ISSUE_COLUMNS[4:]]
+    assert frame["image_path"].tolist() == [str(Path(result.dataset.image_root) / n)
+                                            for n in frame["file_name"]]
+    table = pa.Table.from_pandas(frame, preserve_index=False)
     assert table.num_rows == result.dataset.num_images
     assert table.column("rank").to_pylist() == list(range(1, table.num_rows + 1))
     q = table.column("quality_score").to_numpy()
@@ -162,7 +178,7 @@ def test_injected_errors_rank_first_with_their_kind(finished):
 
 def test_images_without_annotations_are_ranked(finished):
     result, injected = finished
-    table = result.label_issues()
+    table = _ranking(result)
     empty = table.filter(pc.equal(table.column("num_given"), 0))
     ids = set(empty.column("image_id").to_pylist())
     assert injected["overlooked"]["image_id"] in ids
@@ -172,19 +188,21 @@ def test_images_without_annotations_are_ranked(finished):
 
 def test_label_issue_files_and_fold_ids(finished):
     result, _ = finished
-    table = result.label_issues(top=4)
-    assert table.num_rows == 4
+    frame = result.label_issues(top=4)
+    assert len(frame) == 4
     on_disk = pq.read_table(result.run_dir / "label_issues.parquet")
-    assert on_disk.num_rows == result.dataset.num_images and on_disk.slice(0, 4).equals(table)
+    assert on_disk.num_rows == result.dataset.num_images
+    assert on_disk.slice(0, 4).to_pandas().equals(frame)
     csv = (result.run_dir / "label_issues.csv").read_text(encoding="utf-8").splitlines()
-    assert csv[0].replace('"', "").split(",") == list(LABEL_ISSUE_COLUMNS)
+    assert csv[0].replace('"', "").split(",") == [*LABEL_ISSUE_COLUMNS[:4], "image_path",
+                                                   *LABEL_ISSUE_COLUMNS[4:]]
     assert len(csv) == result.dataset.num_images + 1
     folds = on_disk.sort_by("image_index").column("fold").to_numpy()
     assert np.array_equal(folds, result.fold_of_image)
     assert not list(result.run_dir.glob(".*.tmp"))
     in_sample = result.label_issues(in_sample=True)
     assert (result.run_dir / "in_sample" / "label_issues.parquet").is_file()
-    assert set(in_sample.column("fold").to_pylist()) == {0}
+    assert set(in_sample["fold"]) == {0}
 
 
 @pytest.mark.filterwarnings("ignore:.*has no \\(non-crowd\\) annotations:UserWarning")
@@ -320,7 +338,11 @@ def test_report_page_in_headless_chromium(finished, tmp_path):
     result, _ = finished
     top = 4
     assert main(["report", str(result.run_dir), "--top", str(top)]) == 0
-    index = result.run_dir / "report" / "index.html"
+    # The page alone, as it arrives by mail: every picture is in it.
+    mailed = tmp_path / "mailed"
+    mailed.mkdir()
+    index = mailed / "index.html"
+    shutil.copy(result.run_dir / "report" / "index.html", index)
     problems, requests = [], []
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -339,11 +361,12 @@ def test_report_page_in_headless_chromium(finished, tmp_path):
         finally:
             browser.close()
     assert problems == []
-    assert all(url.startswith("file://") for url in requests), requests
-    suspects = [i for i in images if i[0].startswith("suspects/")]
-    assert len(suspects) == top
-    assert {"ap.png", "quality.png"} <= {i[0] for i in images}
+    assert [url for url in requests if not url.startswith("data:")] == [index.as_uri()], requests
+    assert len(images) == top + 2 and all(src.startswith("data:image/") for src, _, _ in images)
     assert all(complete and width > 0 for _, complete, width in images), images
+    thumbs = [src for src, _, width in images[2:]]
+    assert all(len(src) * 3 / 4 <= THUMB_MAX_BYTES + 4 for src in thumbs)
+    assert all(width <= THUMB_SIDE for _, _, width in images[2:])
     assert shot.stat().st_size > 10_000
 
 
@@ -360,12 +383,12 @@ def test_overlays_mark_the_boxes_concerned_and_survive_an_unreadable_image(finis
     shutil.copytree(result.run_dir, run_dir, ignore=shutil.ignore_patterns("report"))
     config = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**config, "image_root": str(data)}))
-    run = open_run(run_dir)
+    run = read_finished_run(run_dir)
     ranking = label_issues_for_run(run, write=False)
     worst = ranking.slice(0, 1).to_pylist()[0]
     broken = data / worst["file_name"]
     broken.write_bytes(b"\0" * broken.stat().st_size)  # same size: the fingerprint still matches
-    write_report(open_run(run_dir), {"out_of_fold": ranking}, top=2)
+    write_report(read_finished_run(run_dir), {"out_of_fold": ranking}, top=2)
     for rank in (1, 2):
         overlay = Image.open(run_dir / "report" / "suspects" / f"rank_{rank:04d}.png").convert("RGB")
         assert max(overlay.size) == 512
@@ -455,7 +478,7 @@ def test_page_and_cli_mark_the_injected_errors(finished, tmp_path, capsys):
     kinds = {"swapped": "swapped", "overlooked": "missing", "badly_located": "shifted"}
     records = [{"image_id": v["image_id"], "kind": kinds[k], "annotation_id": v.get("annotation_id")}
                for k, v in injected.items()]
-    table = result.label_issues()
+    table = _ranking(result)
     last = table.slice(table.num_rows - 1).to_pylist()[0]
     records.append({"image_id": last["image_id"], "kind": "missing", "annotation_id": None})
     (data / "injected_errors.json").write_text(json.dumps(records))

@@ -20,6 +20,7 @@ holds the messages and the problem collector, `_validate_locations` the file loc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -325,10 +326,17 @@ def _parse_annotations(items: list, images: ImageTable, category_ids: np.ndarray
     sized = image_ok & (True if images.size_ok is None else images.size_ok[image_of])
     boxes = _boxes(items, images, image_of, sized, found)
     crowd = _iscrowd(items, found)
-    segmentations, empty = parse_segmentations(items, images, image_of, sized, found)
+    # Mask problems are kept apart: only a model that trains masks needs them fixed.
+    mask_found = _Records(sec, items, path)
+    segmentations, empty = parse_segmentations(items, images, image_of, sized, mask_found)
     if found:
         found.report(problems)
         return None
+    if mask_found:
+        mask_problems = Problems()
+        mask_found.report(mask_problems)
+        segmentations = dataclasses.replace(segmentations, problems=tuple(mask_problems.lines),
+                                            problem_count=mask_problems.count)
     if crowd.all():
         problems.add(f"all {len(items)} annotations are crowd ('iscrowd': 1): nothing to train on", path)
         return None

@@ -38,6 +38,12 @@ class Segmentations:
         rle_counts: R compressed RLE strings (as in the json) or int64 arrays of run lengths.
         missing: one line naming the first non-crowd annotation without a segmentation (json
             order), None when every non-crowd annotation has one.
+        problems: the segmentations that cannot be used (a bad polygon, an RLE whose size or
+            counts do not fit its image), one line each (``"<file>: annotations[3] (id 4):
+            ..."``, the first `MAX_PROBLEMS`); their rows hold no mask. They are errors only
+            for a model that trains masks (the backend decides: ``MODEL.MASK_ON``), else a
+            warning: a box detector never reads them.
+        problem_count: how many there are in all.
     """
 
     kind: np.ndarray
@@ -48,6 +54,8 @@ class Segmentations:
     rle_sizes: np.ndarray
     rle_counts: tuple[Any, ...]
     missing: str | None = None
+    problems: tuple[str, ...] = ()
+    problem_count: int = 0
 
     def __len__(self) -> int:
         return int(self.kind.shape[0])
@@ -80,6 +88,7 @@ class Segmentations:
             self.kind[rows], polygon_offsets, coord_offsets, self.coords[coords], rle_index,
             self.rle_sizes[picked[has]].reshape(-1, 2),
             tuple(self.rle_counts[j] for j in picked[has].tolist()), self.missing,
+            self.problems, self.problem_count,
         )
 
 
@@ -98,7 +107,9 @@ def parse_segmentations(items: list, images: ImageTable, image_of: np.ndarray, s
     list of at least 6 finite numbers, x and y alternating; or an RLE object whose ``size`` is
     its image's ``[height, width]`` and whose ``counts`` (run lengths, or COCO's compressed
     string) cover exactly that many pixels. Absent, null or ``[]``: no mask. Also returns a bool
-    mask of the null or ``[]`` ones (for messages)."""
+    mask of the null or ``[]`` ones (for messages). A bad one is a problem in ``found`` (the
+    caller keeps them apart from the other problems: `Segmentations.problems`) and its row
+    holds no mask."""
     segs = [it.get("segmentation") for it in items]
     n = len(segs)
     kind = np.zeros(n, dtype=np.uint8)

@@ -246,8 +246,9 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
     started = time.time()
     info = connect(address)
     launch, lines = plan_launch(info, config, folds=plan.k)
-    for line in lines:
-        _say(line, progress)
+    for line in [*lines, info.dashboard()]:
+        if line:
+            _say(line, progress)
     state = _state.read_state(storage)
     job = _job(storage, state["run_name"], config, weights, launch)
     table, losses, fold_info = _run_and_stitch(dataset, plan, job, backend, progress)

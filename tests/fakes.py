@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from kfold_ray._backend import DiscardParts, FoldEvent, FoldTask, Progress
+from kfold_ray._backend import DiscardParts, FoldEvent, FoldTask, Progress, worker_share
 from kfold_ray._config import TrainConfig
 from kfold_ray.data._dataset import CocoDataset
 from kfold_ray._exceptions import FoldOutOfMemoryError
@@ -34,6 +34,9 @@ class EchoBackend:
         fail_fold: this fold raises every time (a deterministic bug).
         oom_fold: this fold reports running out of GPU memory.
         pause_folds: these folds wait until ``control_dir/release`` exists before predicting.
+        hold_at_end: every fold (each worker of one) writes ``control_dir/held_<fold>_<rank>``
+            after its last batch, then waits until ``control_dir/release`` exists: its actor,
+            metrics and Train run stay alive for a test to look at.
         skip_image_of_fold: this fold's stream ends without its last held-out image (a backend
             bug the driver must catch: never DONE).
         new_model_each_attempt: every attempt "trains again" (model ``attempt<n>``), as when a
@@ -50,6 +53,7 @@ class EchoBackend:
     oom_fold: int | None = None
     new_model_each_attempt: bool = False
     skip_image_of_fold: int | None = None
+    hold_at_end: bool = False
 
     def validate(self, train: TrainConfig, dataset: CocoDataset, *, workers: int = 1) -> None:
         return None
@@ -68,7 +72,8 @@ class EchoBackend:
             while not Path(self.control_dir, "release").exists():
                 time.sleep(0.05)
         done = 0
-        indices = np.asarray(task.predict_indices, dtype=np.int64)
+        # A fold of several workers: each "predicts" its share, as the real backend does.
+        indices = worker_share(np.asarray(task.predict_indices, dtype=np.int64), task.worker)
         if task.fold == self.skip_image_of_fold:
             indices = indices[:-1]
         model = f"attempt{task.attempt}" if self.new_model_each_attempt else ""
@@ -82,6 +87,11 @@ class EchoBackend:
             yield echo_batch(task.fold, chunk, dataset, model)
             done += len(chunk)
             yield Progress(task.fold, "predict", done, len(indices))
+        if self.hold_at_end:
+            rank = task.worker.rank if task.worker else 0
+            Path(self.control_dir, f"held_{task.fold}_{rank}").write_text(str(os.getpid()))
+            while not Path(self.control_dir, "release").exists():
+                time.sleep(0.05)
 
     def _maybe_crash(self, fold: int, stage: str, step: int) -> None:
         if fold != self.crash_fold or (stage, step) != tuple(self.crash_at):

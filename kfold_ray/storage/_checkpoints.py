@@ -7,6 +7,15 @@ order, so storage never names a checkpoint it does not hold), and the log. A ret
 first pulls the latest checkpoint and the log from storage, so Detectron2 resumes from it and the
 log goes on where it stopped. Only the newest ``keep`` checkpoints are kept, here and there.
 
+While training, uploads run in a background thread (`push_in_background`): a ~330 MB checkpoint
+takes seconds to reach S3, and a step loop that waited for it would idle the GPU (and, with DDP,
+every rank at the next all-reduce). One upload at a time, in order: the next checkpoint waits
+for the previous one's upload (never a step waits). A process killed mid-upload leaves storage
+naming the previous checkpoint, which is complete, so a retry resumes from there. `push` uploads
+in the caller's thread, after any upload in flight: the fold's final checkpoint is in storage
+before the fold predicts anything (a retry would otherwise train again and discard the
+predictions already made).
+
 In a fold trained by several workers every rank pulls (each loads the checkpoint itself) and
 rank 0 alone writes: Detectron2 saves checkpoints on rank 0 only, and one log is the fold's.
 
@@ -17,6 +26,7 @@ The layout is Detectron2's own (``last_checkpoint`` holds the file name of the l
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 from ._storage import Storage
@@ -37,7 +47,10 @@ class CheckpointSync:
         self.local_dir = Path(local_dir)
         self.keep = keep
         self.writer = writer  # False: pull only (a fold's ranks other than 0)
-        self._pushed: str | None = None
+        self._pushed: str | None = None  # newest checkpoint in storage (set by the uploader)
+        self._started: str | None = None  # newest checkpoint handed to an upload
+        self._upload: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def pull(self) -> str | None:
         """Copy the latest checkpoint (and the log) from storage; return its file name or None."""
@@ -51,24 +64,69 @@ class CheckpointSync:
             return None  # never happens with our upload order; a hand-edited folder trains anew
         self.storage.get_file(name, self.local_dir / name)
         (self.local_dir / LAST).write_text(name)
-        self._pushed = name
+        self._pushed = self._started = name
         return name
 
     def latest_local(self) -> str | None:
         last = self.local_dir / LAST
         return last.read_text().strip() if last.is_file() else None
 
-    def push(self) -> bool:
-        """Upload the newest local checkpoint if it is new; prune old ones. True if uploaded."""
+    def _new_checkpoint(self) -> str | None:
+        """The newest local checkpoint if it is not yet uploaded nor being uploaded."""
         name = self.latest_local()
-        if not self.writer or not name or name == self._pushed or not (self.local_dir / name).is_file():
+        if not self.writer or not name or name == self._started or not (self.local_dir / name).is_file():
+            return None
+        return name
+
+    def push(self) -> bool:
+        """Upload the newest local checkpoint if it is new, in this thread, after the upload in
+        flight (if any); prune old ones. True if uploaded. Raises what the upload raised."""
+        self.wait()
+        name = self._new_checkpoint()
+        if name is None:
             return False
+        self._started = name
+        self._put(name)
+        return True
+
+    def push_in_background(self) -> bool:
+        """Start uploading the newest local checkpoint if it is new; True if started.
+
+        Waits only for the previous upload (one at a time, in order); an error of that upload is
+        raised here (else at `wait` or `push`).
+        """
+        name = self._new_checkpoint()
+        if name is None:
+            return False
+        self.wait()
+        self._started = name
+        self._upload = threading.Thread(target=self._put_catching, args=(name,),
+                                        name="kfold-ray-checkpoint-upload", daemon=True)
+        self._upload.start()
+        return True
+
+    def wait(self, *, raise_error: bool = True) -> None:
+        """Until the upload in flight (if any) is in storage; then raise its error, if any."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
+
+    def _put_catching(self, name: str) -> None:
+        try:
+            self._put(name)
+        except BaseException as e:  # noqa: BLE001 - raised in the training thread
+            self._error = e
+
+    def _put(self, name: str) -> None:
+        # The file first, then the name pointing at it: storage never names a missing file.
         self.storage.put_file(self.local_dir / name, name)
         self.storage.write_text(LAST, name)
         self._pushed = name
         self.push_log()
         self._prune()
-        return True
 
     def push_log(self) -> None:
         log = self.local_dir / LOG

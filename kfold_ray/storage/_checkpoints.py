@@ -34,6 +34,9 @@ from ._storage import Storage
 LAST = "last_checkpoint"
 LOG = "log.txt"
 _MODEL_RE = re.compile(r"^model_(\d+|final)\.pth$")
+# What a process killed mid-upload leaves on a local disk or a mount (`atomic_path`'s temporary
+# name); an object store shows nothing of an unfinished upload.
+_PARTIAL_RE = re.compile(r"^\.model_(\d+|final)\.pth\..+\.tmp$")
 
 
 class CheckpointSync:
@@ -134,18 +137,23 @@ class CheckpointSync:
             self.storage.put_file(log, LOG)
 
     def _prune(self) -> None:
-        for where in ("local", "storage"):
-            names = (sorted(p.name for p in self.local_dir.iterdir()) if where == "local"
-                     else self.storage.list_names())
-            models = sorted((n for n in names if _MODEL_RE.match(n) and n != "model_final.pth"),
-                            key=_iteration)
-            for old in models[:-self.keep]:
-                if old == self._pushed:
-                    continue
-                if where == "local":
-                    (self.local_dir / old).unlink(missing_ok=True)
-                else:
-                    self.storage.delete(old)
+        """Keep the newest ``keep`` checkpoints here and in storage (never the one storage names),
+        and remove from storage what an upload killed midway left (run by the one writer,
+        between its uploads, so no upload of its own is in flight)."""
+        local = sorted(p.name for p in self.local_dir.iterdir())
+        for old in _beyond_newest(local, self.keep):
+            if old != self._pushed:
+                (self.local_dir / old).unlink(missing_ok=True)
+        stored = self.storage.list_names()
+        for old in [*_beyond_newest(stored, self.keep), *(n for n in stored if _PARTIAL_RE.match(n))]:
+            if old != self._pushed:
+                self.storage.delete(old)
+
+
+def _beyond_newest(names: list[str], keep: int) -> list[str]:
+    """The numbered checkpoints among ``names`` older than the newest ``keep`` (model_final stays)."""
+    models = sorted((n for n in names if _MODEL_RE.match(n) and n != "model_final.pth"), key=_iteration)
+    return models[:-keep]
 
 
 def _iteration(name: str) -> int:

@@ -138,3 +138,46 @@ def wait_for(predicate, timeout_s: float = 180.0, what: str = "condition") -> No
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class KillMidUploadBackend:
+    """The product's Detectron2 backend, except that fold ``fold``'s process is SIGKILLed halfway
+    through copying checkpoint ``upload`` into the run dir, once (``control_dir/killed`` records
+    it): a crash in the middle of a background checkpoint upload, as an OOM kill or a lost node
+    would leave it. Everything else is the real backend."""
+
+    def __init__(self, control_dir: str, *, fold: int = 0, upload: str = "model_0000003.pth") -> None:
+        from kfold_ray.detectron2 import Detectron2Backend
+
+        self.inner = Detectron2Backend()
+        self.control_dir, self.fold, self.upload = control_dir, fold, upload
+
+    def __getattr__(self, name):  # validate, describe, fetch_weights, build_cfg: the real ones
+        return getattr(self.__dict__["inner"], name)
+
+    def run_fold(self, task: FoldTask, dataset: CocoDataset) -> Iterator[FoldEvent]:
+        flag = Path(self.control_dir, "killed")
+        if task.fold == self.fold and not flag.exists():
+            _kill_while_copying(self.upload, flag)
+        yield from self.inner.run_fold(task, dataset)
+
+
+def _kill_while_copying(name: str, flag: Path) -> None:
+    """From now on, in this process: a copy of a file called ``name`` (a local run dir's upload,
+    `Storage.put_file`) writes half of it, then the process dies."""
+    import shutil
+    import signal
+
+    original = shutil.copyfile
+
+    def copyfile(src, dst, *args, **kwargs):
+        if Path(src).name != name:
+            return original(src, dst, *args, **kwargs)
+        data = Path(src).read_bytes()
+        with open(dst, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+        flag.write_text(f"killed while uploading {name} ({len(data) // 2} of {len(data)} bytes)")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    shutil.copyfile = copyfile

@@ -68,10 +68,11 @@ def release_trainer(trainer) -> None:
     """Drop what a finished DefaultTrainer holds besides the model: its data loader (its worker
     processes stop now), optimizer state, scheduler, checkpointer and hooks.
 
-    Left alone they would live on through prediction: the trainer sits in reference cycles (its
-    hooks and closures point back at it), which only the cycle collector breaks, whenever it
-    runs. A neighbour fold on the same GPU (``--gpus-per-fold 0.5``) would then run out of
-    memory while training, which is never retried.
+    Detectron2 0.6's own hooks drop their references to the trainer in after_train, so today the
+    trainer goes by reference counting when training returns (measured: benchmarks/README.md);
+    a hook that keeps its trainer (a user's) would leave it to the cycle collector, whenever that
+    runs, and a neighbour fold on the same GPU (``--gpus-per-fold 0.5``) could then run out of
+    memory while training, which is never retried. Dropping the parts here depends on neither.
     """
     inner = getattr(trainer, "_trainer", None)
     loader_iter = getattr(inner, "_data_loader_iter", None)

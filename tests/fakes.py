@@ -19,6 +19,7 @@ import numpy as np
 from kfold_ray._backend import DiscardParts, FoldEvent, FoldTask, Progress, worker_share
 from kfold_ray._config import TrainConfig
 from kfold_ray.data._dataset import CocoDataset
+from kfold_ray.detectron2 import Detectron2Backend
 from kfold_ray._exceptions import FoldOutOfMemoryError
 from kfold_ray._schema import make_prediction_batch
 
@@ -140,26 +141,20 @@ def wait_for(predicate, timeout_s: float = 180.0, what: str = "condition") -> No
     raise AssertionError(f"timed out waiting for {what}")
 
 
-class KillMidUploadBackend:
+class KillMidUploadBackend(Detectron2Backend):
     """The product's Detectron2 backend, except that fold ``fold``'s process is SIGKILLed halfway
     through copying checkpoint ``upload`` into the run dir, once (``control_dir/killed`` records
     it): a crash in the middle of a background checkpoint upload, as an OOM kill or a lost node
     would leave it. Everything else is the real backend."""
 
     def __init__(self, control_dir: str, *, fold: int = 0, upload: str = "model_0000003.pth") -> None:
-        from kfold_ray.detectron2 import Detectron2Backend
-
-        self.inner = Detectron2Backend()
         self.control_dir, self.fold, self.upload = control_dir, fold, upload
-
-    def __getattr__(self, name):  # validate, describe, fetch_weights, build_cfg: the real ones
-        return getattr(self.__dict__["inner"], name)
 
     def run_fold(self, task: FoldTask, dataset: CocoDataset) -> Iterator[FoldEvent]:
         flag = Path(self.control_dir, "killed")
         if task.fold == self.fold and not flag.exists():
             _kill_while_copying(self.upload, flag)
-        yield from self.inner.run_fold(task, dataset)
+        yield from super().run_fold(task, dataset)
 
 
 def _kill_while_copying(name: str, flag: Path) -> None:

@@ -92,8 +92,9 @@ class DelayedS3:
 
 
 # ---- data ----------------------------------------------------------------------------------------
-def make_jpegs(root: Path, n: int, width: int, height: int) -> Path:
-    """``n`` COCO-sized JPEGs (a gradient, boxes, noise: ~60-90 KiB at 640x480) and their json."""
+def make_jpegs(root: Path, n: int, width: int, height: int, classes: int = 1) -> Path:
+    """``n`` COCO-sized JPEGs (a gradient, boxes, noise: ~60-90 KiB at 640x480) and their json
+    (``classes`` categories, one box per image)."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(0)
@@ -110,9 +111,10 @@ def make_jpegs(root: Path, n: int, width: int, height: int) -> Path:
         name = f"{i:06d}.jpg"
         img.save(root / "images" / name, quality=90)
         images.append({"id": i + 1, "file_name": name, "width": width, "height": height})
-        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1,
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i % classes,
                             "bbox": [x, y, 80, 60], "area": 4800, "iscrowd": 0})
-    doc = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "box"}]}
+    categories = [{"id": c + 1, "name": f"class{c}"} for c in range(classes)]
+    doc = {"images": images, "annotations": annotations, "categories": categories}
     (root / "annotations.json").write_text(json.dumps(doc))
     return root
 

@@ -7,9 +7,10 @@ now `kfold_ray.detectron2._predict.predict` turns the mask head off while it pre
 (`boxes_only`) and copies only the three fields it keeps. "before" is the same `predict` with
 those two changes undone, nothing else. Each mode runs in a fresh child process (its peak RSS is
 its own), on the same images with the same weights (seeded), interleaved best of ``--repeats``;
-score threshold 0, so each image has the full 100 detections of a trained model.
+score threshold 0 and COCO's 80 classes, so each image has the 100 detections a trained COCO
+model gives (``TEST.DETECTIONS_PER_IMAGE``).
 
-    .venv/bin/python benchmarks/bench_mask_outputs.py                       # CPU, ~3 min here
+    .venv/bin/python benchmarks/bench_mask_outputs.py                       # CPU, ~5 min here
     .venv/bin/python benchmarks/bench_mask_outputs.py --model COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml
 """
 
@@ -101,10 +102,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
     p.add_argument("--opts", nargs="*", default=[])
-    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--classes", type=int, default=80, help="COCO's 80: ~100 detections per image")
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--cpus", type=float, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -117,7 +119,7 @@ def main() -> None:
     from bench_heldout_input import make_jpegs
 
     with tempfile.TemporaryDirectory() as tmp:
-        make_jpegs(Path(tmp) / "data", args.images, args.width, args.height)
+        make_jpegs(Path(tmp) / "data", args.images, args.width, args.height, args.classes)
         passed = [a for a in sys.argv[1:]]
         results = {}
         for mode in ("before", "after", "before", "after")[: 2 * max(1, min(args.repeats, 2))]:

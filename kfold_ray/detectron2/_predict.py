@@ -66,8 +66,9 @@ def input_threads(num_cpus: float) -> int:
     """Threads that read, decode and resize a fold's held-out images: 4 per reserved CPU.
 
     Decoding and resizing (Pillow) release the GIL, so threads use every CPU the fold reserved;
-    more threads than CPUs keep them busy while reads wait on storage (an S3 GET waits ~20-40 ms
-    for its first byte, about 10x a 640x480 JPEG's decode).
+    more threads than CPUs keep them busy while reads wait on storage (an image on S3 costs two
+    requests, each waiting ~20-40 ms for its first byte: several times a 640x480 JPEG's decode).
+    Measured in benchmarks/bench_heldout_input.py.
     """
     return max(2, min(64, 4 * math.ceil(max(num_cpus, 0.0))))
 

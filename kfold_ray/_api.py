@@ -283,8 +283,9 @@ def _run(dataset: CocoDataset, config: CVConfig, plan: FoldPlan, storage: Storag
     started = time.time()
     info = connect(address)
     launch, lines = plan_launch(info, config, folds=plan.k)
-    for line in lines:
-        _say(line, progress)
+    for line in [*lines, info.dashboard()]:
+        if line:
+            _say(line, progress)
     unfinished = [f for f in range(plan.k)
                   if not storage.is_file(f"{_rundir.fold_parts(f)}/{_rundir.DONE}")]
     _state.check_devices(storage, unfinished, gpus_per_fold=launch.num_gpus)

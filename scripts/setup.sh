@@ -7,8 +7,9 @@
 #                                  MongoDB for it, .venv/opt/mongodb), Label Studio's server in a
 #                                  venv of its own (.venv-labelstudio)
 #   bash scripts/setup.sh --node   only what a Ray cluster node runs: torch, Ray (default and train
-#                                  extras), kfold-ray and Detectron2; no test extras, no chromium;
-#                                  it ends by checking that torch can use the node's NVIDIA GPUs
+#                                  extras), kfold-ray and Detectron2; no test extras, no chromium,
+#                                  no prometheus; it ends by checking that torch can use the
+#                                  node's NVIDIA GPUs
 #
 # Every package comes at the version pinned by constraints.txt (pip install -c), the versions CI
 # tested, on a fresh machine and on every cluster node alike. pyproject.toml holds the ranges;
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
   "") mode=dev ;;
   --node) mode=node ;;
-  -h | --help) sed -n '2,19p' "$0" | cut -c3-; exit 0 ;;
+  -h | --help) sed -n '2,21p' "$0" | cut -c3-; exit 0 ;;
   *) echo "usage: bash scripts/setup.sh [--node]" >&2; exit 2 ;;
 esac
 PYTHON="${PYTHON:-python3.11}"
@@ -31,16 +32,26 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
-# The report page is tested in a real headless browser: Debian's chromium, driven by Playwright
-# (never `playwright install`, which downloads a browser build from outside the registries).
-if [ "$mode" = dev ] && ! command -v chromium >/dev/null; then
+# The report page and the Ray dashboard are tested in a real headless browser: Debian's
+# chromium, driven by Playwright (never `playwright install`, which downloads a browser build from
+# outside the registries). The fold metrics are tested through a real Prometheus server:
+# Debian's prometheus (the same server `ray metrics launch-prometheus` downloads on a cluster).
+apt_install() {  # apt_install COMMAND PACKAGE [apt-get options]: install PACKAGE unless COMMAND exists
+  local cmd=$1 package=$2
+  shift 2
+  command -v "$cmd" >/dev/null && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] installing chromium (report page tests)" >&2
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-      || echo "[setup] warning: could not install chromium; the report page's browser test will fail" >&2
+    echo "[setup] installing $package (tests in a browser / through Prometheus)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" "$package" >/dev/null; } \
+      || echo "[setup] warning: could not install $package; the tests that need it will fail" >&2
   else
-    echo "[setup] warning: no chromium; the report page's browser test is skipped here and fails under CI (apt-get install chromium)" >&2
+    echo "[setup] warning: no $package; the tests that need it are skipped here and fail under CI (apt-get install $package)" >&2
   fi
+}
+if [ "$mode" = dev ]; then
+  apt_install chromium chromium
+  # The server alone: none of the exporters its package recommends.
+  apt_install prometheus prometheus --no-install-recommends
 fi
 
 # Re-run the installs only when the dependency list, the pins or the mode changed since the last

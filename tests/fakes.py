@@ -16,9 +16,10 @@ from typing import Iterator
 
 import numpy as np
 
-from kfold_ray._backend import DiscardParts, FoldEvent, FoldTask, Progress
+from kfold_ray._backend import DiscardParts, FoldEvent, FoldTask, Progress, worker_share
 from kfold_ray._config import TrainConfig
 from kfold_ray.data._dataset import CocoDataset
+from kfold_ray.detectron2 import Detectron2Backend
 from kfold_ray._exceptions import FoldOutOfMemoryError
 from kfold_ray._schema import make_prediction_batch
 
@@ -37,6 +38,9 @@ class EchoBackend:
             ValueError, ...: a bug that recurs; OSError: maybe a storage hiccup).
         oom_fold: this fold reports running out of GPU memory.
         pause_folds: these folds wait until ``control_dir/release`` exists before predicting.
+        hold_at_end: every fold (each worker of one) writes ``control_dir/held_<fold>_<rank>``
+            after its last batch, then waits until ``control_dir/release`` exists: its actor,
+            metrics and Train run stay alive for a test to look at.
         skip_image_of_fold: this fold's stream ends without its last held-out image (a backend
             bug the driver must catch: never DONE).
         new_model_each_attempt: every attempt "trains again" (model ``attempt<n>``), as when a
@@ -54,6 +58,7 @@ class EchoBackend:
     oom_fold: int | None = None
     new_model_each_attempt: bool = False
     skip_image_of_fold: int | None = None
+    hold_at_end: bool = False
 
     def validate(self, train: TrainConfig, dataset: CocoDataset, *, workers: int = 1) -> None:
         return None
@@ -74,7 +79,8 @@ class EchoBackend:
             while not Path(self.control_dir, "release").exists():
                 time.sleep(0.05)
         done = 0
-        indices = np.asarray(task.predict_indices, dtype=np.int64)
+        # A fold of several workers: each "predicts" its share, as the real backend does.
+        indices = worker_share(np.asarray(task.predict_indices, dtype=np.int64), task.worker)
         if task.fold == self.skip_image_of_fold:
             indices = indices[:-1]
         model = f"attempt{task.attempt}" if self.new_model_each_attempt else ""
@@ -88,6 +94,11 @@ class EchoBackend:
             yield echo_batch(task.fold, chunk, dataset, model)
             done += len(chunk)
             yield Progress(task.fold, "predict", done, len(indices))
+        if self.hold_at_end:
+            rank = task.worker.rank if task.worker else 0
+            Path(self.control_dir, f"held_{task.fold}_{rank}").write_text(str(os.getpid()))
+            while not Path(self.control_dir, "release").exists():
+                time.sleep(0.05)
 
     def _maybe_crash(self, fold: int, stage: str, step: int) -> None:
         if fold != self.crash_fold or (stage, step) != tuple(self.crash_at):
@@ -134,3 +145,40 @@ def wait_for(predicate, timeout_s: float = 180.0, what: str = "condition") -> No
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class KillMidUploadBackend(Detectron2Backend):
+    """The product's Detectron2 backend, except that fold ``fold``'s process is SIGKILLed halfway
+    through copying checkpoint ``upload`` into the run dir, once (``control_dir/killed`` records
+    it): a crash in the middle of a background checkpoint upload, as an OOM kill or a lost node
+    would leave it. Everything else is the real backend."""
+
+    def __init__(self, control_dir: str, *, fold: int = 0, upload: str = "model_0000003.pth") -> None:
+        self.control_dir, self.fold, self.upload = control_dir, fold, upload
+
+    def run_fold(self, task: FoldTask, dataset: CocoDataset) -> Iterator[FoldEvent]:
+        flag = Path(self.control_dir, "killed")
+        if task.fold == self.fold and not flag.exists():
+            _kill_while_copying(self.upload, flag)
+        yield from super().run_fold(task, dataset)
+
+
+def _kill_while_copying(name: str, flag: Path) -> None:
+    """From now on, in this process: a copy of a file called ``name`` (a local run dir's upload,
+    `Storage.put_file`) writes half of it, then the process dies."""
+    import shutil
+    import signal
+
+    original = shutil.copyfile
+
+    def copyfile(src, dst, *args, **kwargs):
+        if Path(src).name != name:
+            return original(src, dst, *args, **kwargs)
+        data = Path(src).read_bytes()
+        with open(dst, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+        flag.write_text(f"killed while uploading {name} ({len(data) // 2} of {len(data)} bytes)")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    shutil.copyfile = copyfile

@@ -204,6 +204,19 @@ def test_ray_is_started_from_the_project_venv(config) -> None:
     assert f"{VENV_RAY} start --address=$RAY_HEAD_IP:6379" in workers[1]
 
 
+def test_the_head_starts_prometheus_after_ray(config) -> None:
+    # The dashboard's Metrics view (and Grafana) read the fold metrics from a Prometheus on the
+    # head; Ray's launcher downloads it (it reaches GitHub on AWS) and scrapes every node.
+    head = config["head_start_ray_commands"]
+    starts = [i for i, c in enumerate(head) if f"{VENV_RAY} start --head" in c]
+    launches = [i for i, c in enumerate(head) if f"{VENV_RAY} metrics launch-prometheus" in c]
+    assert len(starts) == 1 and len(launches) == 1 and launches[0] > starts[0], head
+    launch = head[launches[0]]
+    assert "nohup" in launch and launch.rstrip().endswith("&"), "it must outlive `ray up`'s shell"
+    assert launch.index("shutdown-prometheus") < launch.index("launch-prometheus")
+    assert not any("prometheus" in c for c in config["worker_start_ray_commands"])
+
+
 def _rename(config: dict[str, Any], path: tuple[str, ...], new_key: str) -> dict[str, Any]:
     bad = copy.deepcopy(config)
     parent = bad

@@ -35,11 +35,21 @@ class ClusterInfo:
     cpus_per_gpu: float | None  # on the GPU nodes (the smallest ratio), None without GPUs
     gpu_nodes: tuple[tuple[float, float], ...] = ()  # (CPUs, GPUs) of each GPU node alive now
     node_types: tuple[NodeType, ...] = ()  # what the autoscaler can launch (empty: none known)
+    dashboard_url: str | None = None  # http://host:port of the Ray dashboard, None without one
+    token_auth: bool = False  # the cluster (and so its dashboard) asks for its auth token
 
     def describe(self) -> str:
         how = "a new local cluster" if self.started_here else "joined"
         return (f"Ray cluster {self.address} ({how}): {self.nodes} node{'s' * (self.nodes != 1)}, "
                 f"{self.cpus:g} CPUs, {self.gpus:g} GPUs")
+
+    def dashboard(self) -> str | None:
+        """The line that says where the Ray dashboard is (and how to get past its token page)."""
+        if not self.dashboard_url:
+            return None
+        token = ("; it asks for the cluster's auth token: `ray get-auth-token` prints it"
+                 if self.token_auth else "")
+        return f"Ray dashboard: {self.dashboard_url} (Actors: one per fold; Metrics){token}"
 
 
 def connect(address: str | None) -> ClusterInfo:
@@ -135,4 +145,24 @@ def _describe(started_here: bool) -> ClusterInfo:
     return ClusterInfo(address=address, started_here=started_here, nodes=len(nodes),
                        cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0),
                        cpus_per_gpu=min(ratios) if ratios else None, gpu_nodes=gpu_nodes,
-                       node_types=() if started_here else (launchable_node_types() or ()))
+                       node_types=() if started_here else (launchable_node_types() or ()),
+                       dashboard_url=_dashboard_url(), token_auth=_token_auth())
+
+
+def _dashboard_url() -> str | None:
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+    except Exception:  # noqa: BLE001 - a private API: only for a message
+        return None
+    return f"http://{url}" if url else None
+
+
+def _token_auth() -> bool:
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        return bool(is_token_auth_enabled())
+    except Exception:  # noqa: BLE001 - a private API (Ray before 2.5x: no tokens)
+        return False

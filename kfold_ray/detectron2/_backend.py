@@ -108,6 +108,7 @@ class Detectron2Backend:
                 join_local_group(task.worker)
             yield from self._run_fold(task, dataset, scratch, sync)
         finally:
+            sync.wait(raise_error=False)  # a checkpoint still uploading lands before we go
             sync.push_log()
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -1,13 +1,17 @@
-"""Held-out inference: images decoded ahead in a thread, the model called on batches of
-same-size images, Detectron2 Instances turned into Arrow batches on the CPU (they never leave
-the actor), each carrying the fold model's losses on the images' given boxes (`_losses`); on a
-GPU out-of-memory the rest of the fold goes on at half the batch."""
+"""Held-out inference: images read, decoded and resized by a pool of threads sized from the
+fold's CPUs and assembled into batches in a fixed order, the model called on batches of
+same-size images with only its box outputs kept (no mask pasting), Detectron2 Instances turned
+into Arrow batches on the CPU (they never leave the actor), each carrying the fold model's
+losses on the images' given boxes (`_losses`); on a GPU out-of-memory the rest of the fold goes
+on at half the batch."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
-import queue
-import threading
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -58,10 +62,23 @@ def by_size(dataset: CocoDataset, indices: np.ndarray) -> np.ndarray:
     return indices[np.lexsort((indices, dataset.widths[indices], dataset.heights[indices]))]
 
 
+def input_threads(num_cpus: float) -> int:
+    """Threads that read, decode and resize a fold's held-out images: 4 per reserved CPU.
+
+    Decoding and resizing (Pillow) release the GIL, so threads use every CPU the fold reserved;
+    more threads than CPUs keep them busy while reads wait on storage (an image on S3 costs two
+    requests, each waiting ~20-40 ms for its first byte: several times a 640x480 JPEG's decode).
+    Measured in benchmarks/bench_heldout_input.py.
+    """
+    return max(2, min(64, 4 * math.ceil(max(num_cpus, 0.0))))
+
+
 def predict(model, cfg, task: FoldTask, dataset: CocoDataset, device: str, *,
              indices: np.ndarray | None = None, batch_size: int | None = None,
-             already: int = 0, model_id: str = "") -> Iterator[FoldEvent]:
-    """Batched held-out inference: images decoded ahead in a thread, the model called on lists."""
+             already: int = 0, model_id: str = "", threads: int | None = None,
+             ) -> Iterator[FoldEvent]:
+    """Batched held-out inference: images read and decoded ahead by a thread pool (``threads``,
+    default `input_threads` of the fold's CPUs), the model called on lists, boxes kept."""
     import torch
 
     model.eval()
@@ -72,9 +89,11 @@ def predict(model, cfg, task: FoldTask, dataset: CocoDataset, device: str, *,
     use_amp = task.predict.amp and device == "cuda"
     with_losses = supports_box_losses(model)
     done, total = already, already + len(indices)
-    for batch_indices, inputs in _prefetch(batches, dataset, cfg):
+    inputs_ahead = prefetch(batches, dataset, cfg, threads=threads or input_threads(task.num_cpus),
+                            device=device)
+    for batch_indices, inputs in inputs_ahead:
         losses = None
-        with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
+        with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp), boxes_only(model):
             if with_losses:  # the given boxes scored on the same features (loss inspection)
                 outputs, losses = predict_with_box_losses(model, inputs, batch_indices, dataset)
             else:
@@ -85,51 +104,72 @@ def predict(model, cfg, task: FoldTask, dataset: CocoDataset, device: str, *,
         yield Progress(task.fold, "predict", done, total)
 
 
-def _prefetch(batches: Sequence[np.ndarray], dataset: CocoDataset, cfg, depth: int = 2):
-    """Yield (indices, model inputs) with the next batches decoded in a background thread."""
-    loader = _InputLoader(cfg)
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+def prefetch(batches: Sequence[np.ndarray], dataset: CocoDataset, cfg, *, threads: int,
+             device: str = "cpu") -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """Yield (indices, model inputs) of ``batches`` in their order, each image read, decoded and
+    resized by a pool of ``threads``, at least two batches (and 2 x threads images) ahead.
 
-    def put(item) -> bool:
-        # A bounded put that gives up once the consumer is gone (generator closed early),
-        # so the thread never blocks forever on a full queue.
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    The order of the batches and of the images in them is the order given, whatever the thread
+    that decoded them, so a retry predicts the same batches. On CUDA each image is copied to
+    pinned memory in its thread, then to the GPU without blocking.
+    """
+    if not batches:
+        return
+    loader = _InputLoader(cfg, pin=device == "cuda")
+    ahead = max(2, math.ceil(2 * threads / max(1, len(batches[0]))))
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kfold-ray-input")
+    pending: collections.deque[tuple[np.ndarray, list[Future]]] = collections.deque()
+    todo = iter(batches)
 
-    def work() -> None:
-        try:
-            for b in batches:
-                if not put((b, [loader(dataset, int(i)) for i in b])):
-                    return
-        except BaseException as e:  # surfaced in the consumer
-            put(e)
-            return
-        put(None)
+    def submit_next() -> None:
+        batch = next(todo, None)
+        if batch is not None:
+            pending.append((batch, [pool.submit(loader, dataset, int(i)) for i in batch]))
 
-    thread = threading.Thread(target=work, name="kfold-ray-prefetch", daemon=True)
-    thread.start()
     try:
-        while (item := q.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for _ in range(ahead):
+            submit_next()
+        while pending:
+            batch, futures = pending.popleft()
+            submit_next()
+            inputs = [f.result() for f in futures]  # an image's error surfaces here, in order
+            if device == "cuda":
+                for inp in inputs:
+                    inp["image"] = inp["image"].to(device, non_blocking=True)
+            yield batch, inputs
+    finally:  # also when the consumer stops early (out of memory, generator closed)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def boxes_only(model) -> Iterator[None]:
+    """The model's mask and keypoint heads off while it predicts: only boxes, scores and classes
+    are kept, so Mask R-CNN neither runs its mask head nor pastes each detection's mask at full
+    image resolution (100 x 640 x 480 bytes, ~30 MB, per image) nor copies it to the CPU.
+
+    Detectron2's ROI heads skip a head whose ``mask_on`` / ``keypoint_on`` is False in eval
+    mode, and its postprocessing pastes only masks that are there.
+    """
+    heads = getattr(model, "roi_heads", None)
+    switched = [name for name in ("mask_on", "keypoint_on") if getattr(heads, name, False)]
+    for name in switched:
+        setattr(heads, name, False)
+    try:
+        yield
     finally:
-        stop.set()
+        for name in switched:
+            setattr(heads, name, True)
 
 
 class _InputLoader:
-    """Decode + resize one image the way DefaultPredictor does (same transform, same format)."""
+    """Read + decode + resize one image the way DefaultPredictor does (same transform, same
+    format); in pinned memory when ``pin`` (CUDA), so that its copy to the GPU is asynchronous."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, *, pin: bool = False) -> None:
         import detectron2.data.transforms as T
 
         self.format = cfg.INPUT.FORMAT
+        self.pin = pin
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
 
     def __call__(self, dataset: CocoDataset, index: int) -> dict[str, Any]:
@@ -140,19 +180,23 @@ class _InputLoader:
         h, w = image.shape[:2]
         resized = self.aug.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        if self.pin:
+            tensor = tensor.pin_memory()
         return {"image": tensor, "height": h, "width": w}
 
 
 def _to_record_batch(fold: int, indices: np.ndarray, outputs: list[dict], dataset: CocoDataset,
                      model_id: str = ""):
-    """Detectron2 Instances -> one Arrow batch, on the CPU (Instances never leave the actor)."""
+    """Detectron2 Instances -> one Arrow batch, on the CPU (Instances never leave the actor).
+
+    Only the three fields kept are copied to the CPU (``Instances.to`` would copy every field)."""
     boxes, scores, classes, owner = [], [], [], []
     for i, out in zip(indices.tolist(), outputs):
-        inst = out["instances"].to("cpu")
+        inst = out["instances"]
         n = len(inst)
-        boxes.append(inst.pred_boxes.tensor.float().numpy().reshape(n, 4))
-        scores.append(inst.scores.float().numpy())
-        classes.append(inst.pred_classes.numpy())
+        boxes.append(inst.pred_boxes.tensor.float().cpu().numpy().reshape(n, 4))
+        scores.append(inst.scores.float().cpu().numpy())
+        classes.append(inst.pred_classes.cpu().numpy())
         owner.append(np.full(n, i, dtype=np.int64))
     return make_prediction_batch(
         fold=fold,

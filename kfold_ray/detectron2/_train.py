@@ -1,9 +1,12 @@
 """A fold's training: Detectron2's DefaultTrainer, seeded from the fold's seed, resumed from its
-latest checkpoint, each new checkpoint mirrored to the run's storage, progress yielded between
-steps; its log goes to the fold's log.txt."""
+latest checkpoint, each new checkpoint mirrored to the run's storage in the background (the
+final one before training returns), progress yielded between steps; its log goes to the fold's
+log.txt. When training ends, everything of the trainer but the model is released before the
+fold predicts (optimizer state, data loader and its worker processes, hooks)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -18,8 +21,9 @@ def train(cfg, fold: int, sync: CheckpointSync | None = None):
     """Train with Detectron2's DefaultTrainer, resuming from the fold's last checkpoint.
 
     The loop is TrainerBase.train written out, so that progress can be yielded between steps
-    (hooks cannot yield). Returns the trained model (unwrapped from DDP in a fold of several
-    workers: each predicts with its own copy).
+    (hooks cannot yield). Each checkpoint is uploaded while the next steps run; the final one is
+    in storage when this returns. Returns the trained model (unwrapped from DDP in a fold of
+    several workers: each predicts with its own copy), the rest of the trainer released.
     """
     from detectron2.engine import DefaultTrainer
     from detectron2.utils.env import seed_all_rng
@@ -43,17 +47,55 @@ def train(cfg, fold: int, sync: CheckpointSync | None = None):
             trainer.before_step()
             trainer.run_step()
             trainer.after_step()
-            if sync is not None:
-                sync.push()  # a checkpoint written by this step goes to the run's storage
+            if sync is not None:  # a checkpoint written by this step goes to the run's storage
+                sync.push_in_background()
             if trainer.iter % report_every == 0 or trainer.iter == max_iter - 1:
                 loss = trainer.storage.latest().get("total_loss", (None,))[0]
                 yield Progress(fold, "train", trainer.iter + 1, max_iter, loss)
         trainer.iter = max_iter
         trainer.after_train()
+    model = getattr(trainer.model, "module", trainer.model)
+    release_trainer(trainer)
+    del trainer
     if sync is not None:
-        sync.push()
+        sync.push()  # after the upload in flight: the final checkpoint, before any prediction
+    free_memory()
     yield Progress(fold, "train", max_iter, max_iter, None)
-    return getattr(trainer.model, "module", trainer.model)
+    return model
+
+
+def release_trainer(trainer) -> None:
+    """Drop what a finished DefaultTrainer holds besides the model: its data loader (its worker
+    processes stop now), optimizer state, scheduler, checkpointer and hooks.
+
+    Detectron2 0.6's own hooks drop their references to the trainer in after_train, so today the
+    trainer goes by reference counting when training returns (measured: benchmarks/README.md);
+    a hook that keeps its trainer (a user's) would leave it to the cycle collector, whenever that
+    runs, and a neighbour fold on the same GPU (``--gpus-per-fold 0.5``) could then run out of
+    memory while training, which is never retried. Dropping the parts here depends on neither.
+    """
+    inner = getattr(trainer, "_trainer", None)
+    loader_iter = getattr(inner, "_data_loader_iter", None)
+    if hasattr(loader_iter, "close"):  # Detectron2's grouped loader: a generator over torch's
+        loader_iter.close()
+    shutdown = getattr(loader_iter, "_shutdown_workers", None)  # torch's iterator itself
+    if callable(shutdown):
+        shutdown()
+    for owner, names in ((inner, ("_data_loader_iter", "data_loader", "optimizer", "grad_scaler")),
+                         (trainer, ("scheduler", "checkpointer", "_hooks", "storage"))):
+        for name in names:
+            if owner is not None and hasattr(owner, name):
+                setattr(owner, name, [] if name == "_hooks" else None)
+
+
+def free_memory() -> None:
+    """Collect what training left in reference cycles; give cached GPU memory back to the driver
+    (others on the same GPU can use it)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def log_to_file(path: Path) -> None:

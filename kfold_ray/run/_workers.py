@@ -20,6 +20,7 @@ raised is re-raised as is (an out-of-memory or an unreadable image is still not 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -39,6 +40,7 @@ from .._backend import (
 from .._exceptions import KfoldRayError
 from .._schema import batch_image_indices
 from ..data._dataset import CocoDataset
+from ._fold_metrics import GpuUtilization
 
 # Events a fold's workers may have queued before they wait for the fold actor to take them.
 QUEUE_EVENTS = 32
@@ -96,6 +98,10 @@ def _trainer(backend: FoldBackend, task: FoldTask, dataset_ref: Any, events: Any
 
     use_gpu = task.num_gpus > 0
     resources = {"CPU": task.num_cpus, **({"GPU": task.num_gpus} if use_gpu else {})}
+    # Ray Train records its runs (each fold's, with its workers) for the dashboard's Train API
+    # (/api/train/v2/runs/v1) only when asked to, read here when the trainer is made; a user's
+    # RAY_TRAIN_ENABLE_STATE_TRACKING=0 keeps it off.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     return TorchTrainer(
         _worker_loop,
         train_loop_config={"backend": backend, "task": task, "dataset": dataset_ref,
@@ -139,8 +145,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
     dataset = config["dataset"]
     if isinstance(dataset, ray.ObjectRef):
         dataset = ray.get(dataset)
-    for event in config["backend"].run_fold(task, dataset):
-        config["events"].put((worker.rank, event))
+    gpus = ray.get_gpu_ids()  # each worker charts its own GPU
+    stop = GpuUtilization(task.run_name, task.fold, gpus).start() if gpus else None
+    try:
+        for event in config["backend"].run_fold(task, dataset):
+            config["events"].put((worker.rank, event))
+    finally:
+        if stop is not None:
+            stop.set()
 
 
 def worker_error(error: BaseException) -> BaseException:

@@ -106,3 +106,41 @@ def test_a_bad_crowd_rle_stops_mask_training_only(tmp_path):
              and "segmentation" in str(w.message)]
     assert len(lines) == 1 and lines[0].startswith(
         "1 annotation has a segmentation that cannot be used, ignored since the model trains boxes only")
+def test_held_out_input_pool_gives_the_same_batches_in_the_same_order(tiny):
+    from kfold_ray.detectron2._predict import input_threads, prefetch
+
+    dataset, cfg, _ = tiny
+    ordered = by_size(dataset, np.arange(dataset.num_images))
+    batches = [ordered[i:i + 3] for i in range(0, len(ordered), 3)]
+
+    def run(threads):
+        return [(b.tolist(), [(x["image"].clone(), x["height"], x["width"]) for x in inputs])
+                for b, inputs in prefetch(batches, dataset, cfg, threads=threads)]
+
+    one, many, again = run(1), run(5), run(5)
+    assert [b for b, _ in many] == [b.tolist() for b in batches]  # the order given, whole
+    for runs in zip(one, many, again):
+        assert len({tuple(b) for b, _ in runs}) == 1
+        for images in zip(*(inputs for _, inputs in runs)):
+            assert all(torch.equal(images[0][0], x[0]) and images[0][1:] == x[1:] for x in images)
+    assert input_threads(1) == 4 and input_threads(0.5) == 4 and input_threads(12) == 48
+    assert input_threads(0) == 2 and input_threads(100) == 64
+
+
+def test_an_unreadable_held_out_image_stops_the_batches_in_order(tiny, tmp_path):
+    import shutil
+
+    from kfold_ray.detectron2._predict import prefetch
+
+    dataset, cfg, _ = tiny
+    ordered = by_size(dataset, np.arange(dataset.num_images))
+    batches = [ordered[i:i + 2] for i in range(0, len(ordered), 2)]
+    moved = tmp_path / "images"
+    shutil.copytree(dataset.image_root, moved)
+    broken = load_coco(dataset.annotations_path, moved)
+    (moved / broken.file_names[int(batches[2][1])]).unlink()
+    got = []
+    with pytest.raises(FileNotFoundError):
+        for b, _ in prefetch(batches, broken, cfg, threads=4):
+            got.append(b.tolist())
+    assert got == [b.tolist() for b in batches[:2]]  # every batch before the missing image

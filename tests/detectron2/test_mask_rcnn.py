@@ -135,3 +135,50 @@ def test_the_folds_training_loop_trains_a_mask_rcnn(tmp_path):
         model = done.value
     assert model.roi_heads.mask_on and events[-1].step == events[-1].total == 2
     assert all(e.loss is None or np.isfinite(e.loss) for e in events)
+
+
+def test_a_mask_rcnn_predicts_boxes_only_and_the_same_boxes(tmp_path, monkeypatch):
+    """Held-out prediction keeps boxes, scores and classes: the mask head does not run, no mask is
+    pasted or copied, and the boxes are those the full model (masks on) gives."""
+    import_detectron2()
+    import torch
+    from detectron2.modeling import build_model
+
+    import kfold_ray.detectron2._predict as predict_module
+    from kfold_ray._backend import FoldTask
+    from kfold_ray._config import PredictConfig
+    from kfold_ray._schema import batch_image_indices
+
+    ds = _dataset(tmp_path, "polygon")
+    cfg = _cfg(ds, "polygon", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    mask_calls = []
+    model.roi_heads.mask_head.register_forward_hook(lambda *a: mask_calls.append(1))
+    outputs_seen = []
+    to_batch = predict_module._to_record_batch
+
+    def record(fold, indices, outputs, dataset, model_id=""):
+        outputs_seen.extend(outputs)
+        return to_batch(fold, indices, outputs, dataset, model_id)
+
+    monkeypatch.setattr(predict_module, "_to_record_batch", record)
+    task = FoldTask(run_name="t", fold=0, attempt=0, train_indices=np.zeros(0, np.int64),
+                    predict_indices=np.arange(ds.num_images), work_dir="", seed=0,
+                    predict=PredictConfig(batch_size=4, score_threshold=0.0))
+    batches = [e for e in predict_module.predict(model, cfg, task, ds, "cpu") if hasattr(e, "num_rows")]
+    assert mask_calls == [] and outputs_seen
+    assert not any(out["instances"].has("pred_masks") for out in outputs_seen)
+    assert model.roi_heads.mask_on, "the model is left as it was"
+
+    # The same batches through the whole model, masks on: the same boxes.
+    loader = predict_module._InputLoader(cfg)
+    full = []
+    with torch.inference_mode():
+        for b in batches:
+            full += model([loader(ds, int(i)) for i in batch_image_indices(b)])
+    assert mask_calls and full[0]["instances"].has("pred_masks")
+    for ours, theirs in zip(outputs_seen, full):
+        torch.testing.assert_close(ours["instances"].pred_boxes.tensor,
+                                   theirs["instances"].pred_boxes.tensor)
+        torch.testing.assert_close(ours["instances"].scores, theirs["instances"].scores)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -190,6 +191,39 @@ def test_killed_fold_process_resumes_training_from_its_checkpoint(ray_local, tmp
     log = (run_dir / "folds" / "fold_000" / "log.txt").read_text()
     assert "Loading from" in log and "model_00000" in log, "the retry loaded a checkpoint"
     assert len(result.predictions) == 8
+
+
+@pytest.mark.slow
+def test_a_fold_killed_mid_upload_resumes_from_the_previous_checkpoint(ray_local, tmp_path):
+    """Checkpoints upload in the background while training goes on: a fold process killed halfway
+    through uploading one (model_0000003) resumes from the one before it (model_0000001), which
+    storage still names and holds whole; nothing is lost, nothing half-written stays."""
+    from fakes import KillMidUploadBackend
+
+    ann, images = make_coco(tmp_path / "data", n_images=8, categories=2, size=(64, 64))
+    control = tmp_path / "control"
+    control.mkdir()
+    run_dir = tmp_path / "run"
+    result = run_cv(ann, 2, image_root=images, model="tiny", gpus_per_fold=0, run_dir=run_dir,
+                    overrides=["SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "2",
+                               "SOLVER.WARMUP_ITERS", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+                               "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
+                               "INPUT.MAX_SIZE_TEST", "96"],
+                    checkpoint_period=2, keep_checkpoints=5, progress=False, score_threshold=0.0,
+                    backend=KillMidUploadBackend(str(control)))
+    assert "killed while uploading model_0000003.pth" in (control / "killed").read_text()
+    assert result.metrics["folds_run"]["0"]["attempts"] == 2
+    assert result.metrics["folds_run"]["1"]["attempts"] == 1
+    fold = run_dir / "folds" / "fold_000"
+    log = (fold / "log.txt").read_text()
+    assert re.search(r"attempt 1 on node .*: resuming from \S*model_0000001\.pth", log), log[-3000:]
+    assert "resumes training at iteration 2 of 6" in log
+    stored = sorted(p.name for p in fold.iterdir())
+    assert stored == ["last_checkpoint", "log.txt", "model_0000001.pth", "model_0000003.pth",
+                      "model_final.pth"], stored  # the half-written upload's temp file is gone
+    assert (fold / "last_checkpoint").read_text().strip() == "model_final.pth"
+    table = pq.read_table(run_dir / "predictions.parquet")  # stitched: each image exactly once
+    assert sorted(set(table.column("image_index").to_pylist())) == list(range(8))
 
 
 @pytest.mark.slow

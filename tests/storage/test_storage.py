@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import pickle
 import stat
+import threading
 import uuid
 
 import pyarrow as pa
 import pytest
+from fakes import wait_for
 
 from kfold_ray.storage._checkpoints import CheckpointSync
 from kfold_ray._exceptions import StorageError
@@ -117,3 +119,81 @@ def test_checkpoints_mirror_newest_and_resume_anywhere(storage, tmp_path):
     assert again.pull() == "model_0000005.pth"
     assert (node_b / "model_0000005.pth").read_bytes() == b"w5"
     assert (node_b / "log.txt").read_text() == "trained to 5\n"
+
+
+class _GatedStorage(Storage):
+    """A run dir whose checkpoint uploads each wait for `gate` (a slow S3, held as long as a test
+    needs); the others go through. Records the uploads started."""
+
+    def __init__(self, location, gate: threading.Event, fail: str = "") -> None:
+        super().__init__(location)
+        self.gate, self.fail, self.started = gate, fail, []
+
+    def put_file(self, local, name: str) -> None:
+        if name.startswith("model_"):
+            self.started.append(name)
+            assert self.gate.wait(60), "the test never opened the gate"
+            if name == self.fail:
+                raise OSError(f"upload of {name} failed")
+        super().put_file(local, name)
+
+
+def _checkpoint(node, iteration: int) -> str:
+    name = f"model_{iteration:07d}.pth"
+    (node / name).write_bytes(b"w%d" % iteration)
+    (node / "last_checkpoint").write_text(name)
+    return name
+
+
+def test_background_uploads_leave_the_caller_free_and_land_one_at_a_time_in_order(tmp_path):
+    gate = threading.Event()
+    fold = _GatedStorage(tmp_path / "run" / "folds" / "fold_000", gate)
+    node = tmp_path / "node"
+    sync = CheckpointSync(fold, node, keep=5)
+    sync.pull()
+    first = _checkpoint(node, 1)
+    assert sync.push_in_background()  # returns while its upload waits at the gate
+    wait_for(lambda: fold.started == [first], 30, "the first upload to start")
+    assert not fold.is_file("last_checkpoint"), "storage names no checkpoint before it holds it"
+    assert not sync.push_in_background(), "a checkpoint is uploaded once"
+    second = _checkpoint(node, 3)
+    nxt = threading.Thread(target=sync.push_in_background)
+    nxt.start()
+    nxt.join(1.0)
+    assert nxt.is_alive() and fold.started == [first], "the next upload waits for the previous"
+    gate.set()
+    nxt.join(30)
+    sync.wait()
+    assert fold.started == [first, second]
+    assert fold.read_text("last_checkpoint") == second
+    assert fold.read_bytes(first) == b"w1" and fold.read_bytes(second) == b"w3"
+
+
+def test_a_failed_background_upload_is_raised_in_the_training_thread(tmp_path):
+    gate = threading.Event()
+    gate.set()
+    fold = _GatedStorage(tmp_path / "run", gate, fail="model_0000001.pth")
+    node = tmp_path / "node"
+    sync = CheckpointSync(fold, node)
+    sync.pull()
+    _checkpoint(node, 1)
+    assert sync.push_in_background()
+    with pytest.raises(OSError, match="upload of model_0000001.pth failed"):
+        sync.wait()
+    assert not fold.is_file("last_checkpoint")
+    final = "model_final.pth"
+    (node / final).write_bytes(b"final")
+    (node / "last_checkpoint").write_text(final)
+    assert sync.push()  # in this thread, after the failed one: the final checkpoint lands
+    assert fold.read_text("last_checkpoint") == final
+
+
+def test_what_a_killed_upload_left_is_removed_by_the_next_writer(storage, tmp_path):
+    fold = storage.child("folds/fold_000")
+    fold.write_bytes(".model_0000003.pth.k2j4.tmp", b"half")  # a process killed mid-upload
+    node = tmp_path / "node"
+    sync = CheckpointSync(fold, node)
+    sync.pull()
+    _checkpoint(node, 3)
+    assert sync.push()
+    assert sorted(fold.list_names()) == ["last_checkpoint", "model_0000003.pth"]

@@ -128,6 +128,32 @@ class CVResult:
                                          calibrate=CALIBRATE_DEFAULT if calibrate is None else calibrate)
         return table if top is None else table.slice(0, top)
 
+    def box_issues(self, top: int | None = None, *, in_sample: bool = False,
+                   calibrate: bool | None = None):
+        """Every given box and every unmatched prediction, ranked by how likely it is wrong,
+        with its kind (swapped / badly_located / spurious / overlooked), score and signals.
+
+        Ranks the run as `label_issues` does (and writes the same files, plus
+        ``box_issues.parquet``; see `kfold_ray.report._box_issues` for the columns).
+
+        Returns:
+            A pandas DataFrame, worst first (``top``: only the ``top`` worst rows).
+        """
+        import pyarrow.parquet as pq
+
+        from .report._finished_run import IN_SAMPLE_DIR, open_run, synced_run_dir
+        from .report._rank import label_issues_for_run
+
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+            raise ConfigError(f"top must be None or an integer >= 0, got {top!r}")
+        with synced_run_dir(self.storage) as local:
+            run = open_run(local, dataset=self.dataset)
+            label_issues_for_run(run, in_sample=in_sample,
+                                 calibrate=CALIBRATE_DEFAULT if calibrate is None else calibrate)
+            folder = local / IN_SAMPLE_DIR if in_sample else local
+            table = pq.read_table(folder / _rundir.BOX_ISSUES_PARQUET)
+        return (table if top is None else table.slice(0, top)).to_pandas()
+
 
 def run_cv(
     dataset: CocoDataset | str | os.PathLike[str],
@@ -406,7 +432,8 @@ class RunReport:
             tables, worst first (`kfold_ray.report._rank`).
         injected: how the out-of-fold ranking finds the dataset's known errors
             (`kfold_ray.report._injected.score_against_injected`; ``n`` is 0 when it lists none).
-        files: where ``label_issues.csv``, ``label_issues.parquet`` and the page went.
+        files: where ``label_issues.csv``, ``label_issues.parquet``, ``box_issues.parquet`` and
+            the page went (the page last).
     """
 
     rankings: dict[str, Any]
@@ -441,7 +468,8 @@ def report_run(run_dir: str | os.PathLike[str], *, top: int = 20, calibrate: boo
         page = write_report(run, rankings, top=top)
     known = (read_injected_errors(str(injected_errors)) if injected_errors is not None
              else injected_errors_of(run.dataset))
-    files = (_rundir.LABEL_ISSUES_CSV, _rundir.LABEL_ISSUES_PARQUET, page.relative_to(local).as_posix())
+    files = (_rundir.LABEL_ISSUES_CSV, _rundir.LABEL_ISSUES_PARQUET, _rundir.BOX_ISSUES_PARQUET,
+             page.relative_to(local).as_posix())
     return RunReport(rankings=rankings,
                      injected=score_against_injected(rankings["out_of_fold"], known or []),
                      files=tuple(storage.uri_of(name) for name in files))

@@ -8,6 +8,7 @@ storage) and streams its held-out predictions.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,6 +48,10 @@ class Detectron2Backend:
                 f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is the total batch of a fold's "
                 f"{workers} workers and must divide evenly among them: set it to a multiple of "
                 f"{workers} (--opts SOLVER.IMS_PER_BATCH {workers * max(1, cfg.SOLVER.IMS_PER_BATCH // workers)})")
+        from ._losses import no_signals_warning
+
+        if (warning := no_signals_warning(cfg)) is not None:  # said once, before Ray starts
+            logging.getLogger("kfold_ray").warning(warning)
         if cfg.MODEL.MASK_ON:
             problem = dataset.segmentation_problem()
             if problem:

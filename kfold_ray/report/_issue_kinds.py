@@ -1,11 +1,8 @@
-"""Stage "report", part 2 (`kfold_ray.report._rank` calls it): which kind of problem an image most likely has, and on which boxes.
-
-With the fold models' box losses (box_losses.parquet) the kind comes from the per-box loss signals
-(`_loss_kind`): a signal counts only where it is an outlier over the dataset (Tukey's fence), and
-the one that ranks the image worse decides: an unmatched confident prediction -> overlooked; else
-the worst given box -> swapped when the model sees another object there, badly_located when it
-sees background. Without box losses, the kind is cleanlab's subtype with the lowest pooled score.
-Each image's boxes are written as a JSON list for a person to look at (`_record`).
+"""Stage "report", part 2 (`kfold_ray.report._rank` calls it) for a run without box losses:
+which kind of problem an image most likely has, and on which boxes, from cleanlab's subtype
+scores (the subtype with the lowest pooled score). With the fold models' box losses the kinds
+come from the per-box ranking instead (`kfold_ray.report._box_issues`). Each image's boxes are
+written as a JSON list for a person to look at (`_record`).
 """
 
 from __future__ import annotations
@@ -19,14 +16,14 @@ import numpy as np
 if TYPE_CHECKING:
     from ..data._dataset import CocoDataset
 
-ISSUE_KINDS: tuple[str, ...] = ("overlooked", "swapped", "badly_located")
+#: cleanlab's subtypes; with box losses, a given box can also be "spurious" (no object in it).
+CLEANLAB_KINDS: tuple[str, ...] = ("overlooked", "swapped", "badly_located")
+ISSUE_KINDS: tuple[str, ...] = (*CLEANLAB_KINDS, "spurious")
 #: A per-box subtype score below this is evidence of that kind of problem on that box. Overlooked
 #: scores of candidate boxes are always <= 0.1 (they overlap no given box); a swap score < 0.5
 #: means a confident other-class prediction overlaps the box well; a badloc score < 0.5 means the
 #: best same-class prediction overlaps it with IoU below ~0.5.
 KIND_CUT = 0.5
-#: The per-given-box terms of box_losses.parquet the kinds are read from.
-LOSS_TERMS = ("loss_cls", "loss_box_reg", "p_given", "p_background")
 #: A prediction overlapping no given box above this IoU is "unmatched" (a possibly missing label).
 UNMATCHED_IOU = 0.5
 
@@ -37,46 +34,30 @@ def raw_probs(a: dict[str, Any]) -> np.ndarray:
 
 
 def explain_images(dataset: CocoDataset, aux: list[dict[str, Any]], per_box: dict[str, list[np.ndarray]],
-             pooled: dict[str, np.ndarray], is_issue: np.ndarray,
-             losses: dict[str, np.ndarray] | None = None,
-             signals: dict[str, np.ndarray] | None = None) -> tuple[list[str], list[str]]:
+                   pooled: dict[str, np.ndarray], is_issue: np.ndarray) -> tuple[list[str], list[str]]:
     """Per image: the most likely kind of problem and the JSON list of the boxes concerned.
 
-    With the fold models' box losses, the kind comes from the per-box signals (`_loss_kind`) and
-    its box comes first. Without, it is the cleanlab subtype with the lowest pooled score, named
-    when cleanlab flags the image or some box shows evidence (a per-box score below `KIND_CUT`);
-    else "". The boxes are those of any cleanlab kind with evidence, plus the worst box of the
-    named kind, sorted by their per-box score.
+    The kind is the cleanlab subtype with the lowest pooled score, named when cleanlab flags the
+    image or some box shows evidence (a per-box score below `KIND_CUT`); else "". The boxes are
+    those of any cleanlab kind with evidence, plus the worst box of the named kind, sorted by
+    their per-box score.
     """
     keep = ~np.asarray(dataset.iscrowd, dtype=bool)
     kept_before = np.concatenate([[0], np.cumsum(keep)])
     ann_ids = dataset.ann_ids[keep]
     starts = kept_before[dataset.ann_offsets[:-1]]
     names = dataset.class_names
-    stacked = np.stack([pooled[k] for k in ISSUE_KINDS], axis=1)  # (N, 3)
-    fractions = outliers = None
-    if losses is not None and signals is not None:
-        fractions = (rank_fraction(signals["loss_score"]), rank_fraction(signals["unmatched_score"]))
-        outliers = (_tukey_outliers(signals["loss_score"]), _tukey_outliers(signals["unmatched_score"]))
+    stacked = np.stack([pooled[k] for k in CLEANLAB_KINDS], axis=1)  # (N, 3)
     kinds, boxes = [], []
     for i, a in enumerate(aux):
-        scores = {k: np.asarray(per_box[k][i], dtype=np.float64) for k in ISSUE_KINDS}
+        scores = {k: np.asarray(per_box[k][i], dtype=np.float64) for k in CLEANLAB_KINDS}
         ids = ann_ids[starts[i]:]
-        if fractions is not None:
-            terms = {t: losses[t][starts[i]:starts[i] + len(a["lab_labels"])] for t in LOSS_TERMS}
-            kind, j = _loss_kind(a, terms, (fractions[0][i], outliers[0][i]),
-                                 (fractions[1][i], outliers[1][i]))
-            first = [_record(a, kind, j, scores, ids, names, terms)] if kind else []
-            records = first + [r for r in _box_records(a, scores, "", ids, names)
-                               if not first or _box_key(r) != _box_key(first[0])]
-        else:
-            evidence = any(np.any(s[~np.isnan(s)] < KIND_CUT) for s in scores.values())
-            kind = ISSUE_KINDS[int(np.argmin(stacked[i]))] if (is_issue[i] or evidence) else ""
-            if kind and stacked[i].min() >= 1.0:
-                kind = ""  # flagged by cleanlab's thresholds, yet no subtype shows anything
-            records = _box_records(a, scores, kind, ids, names)
+        evidence = any(np.any(s[~np.isnan(s)] < KIND_CUT) for s in scores.values())
+        kind = CLEANLAB_KINDS[int(np.argmin(stacked[i]))] if (is_issue[i] or evidence) else ""
+        if kind and stacked[i].min() >= 1.0:
+            kind = ""  # flagged by cleanlab's thresholds, yet no subtype shows anything
         kinds.append(kind)
-        boxes.append(json.dumps(records, separators=(",", ":")))
+        boxes.append(json.dumps(_box_records(a, scores, kind, ids, names), separators=(",", ":")))
     return kinds, boxes
 
 
@@ -87,76 +68,24 @@ def rank_fraction(x: np.ndarray) -> np.ndarray:
     return (rankdata(x) - 1) / max(len(x) - 1, 1)
 
 
-def _tukey_outliers(x: np.ndarray) -> np.ndarray:
-    """bool: the values above Tukey's fence (Q3 + 1.5 IQR) of ``x``: evidence, whatever the scale
-    of the signal (a loss in nats, a detection score) or the strength of the models."""
-    q1, q3 = np.percentile(x, [25, 75])
-    return x > q3 + 1.5 * (q3 - q1)
-
-
-def _loss_kind(a: dict[str, Any], terms: dict[str, np.ndarray], loss: tuple[float, bool],
-               unmatched: tuple[float, bool]) -> tuple[str, int]:
-    """(kind, box) from the per-box signals; the box is the given box index (swapped,
-    badly_located) or the prediction index (overlooked); ("", -1) without evidence.
-
-    ``loss`` and ``unmatched`` are the image's (rank fraction, outlier) for loss_score and
-    unmatched_score: a signal is evidence when it is an outlier of its distribution over the
-    dataset (`_tukey_outliers`); with both, the one ranking the image worse (the one
-    `combined_score` took) names the problem:
-
-    overlooked      its best prediction overlapping no given box
-    swapped         its worst given box (largest loss_cls + loss_box_reg), where the fold model
-                    sees another object rather than background (the rest of its probability,
-                    1 - p_given - p_background, outweighs p_background) or predicts another class
-                    over the box (IoU >= 0.5) above every prediction of the given class
-    badly_located   that box otherwise: the model sees background in it (a shifted box)
-    """
-    if not (loss[1] or unmatched[1]):
-        return "", -1
-    probs = raw_probs(a)
-    if unmatched[1] and (not loss[1] or unmatched[0] >= loss[0]):
-        iou = a["iou_matrix"]
-        free = np.ones(probs.size, dtype=bool) if iou.shape[0] == 0 else iou.max(axis=0) < UNMATCHED_IOU
-        return "overlooked", int(np.flatnonzero(free)[np.argmax(probs[free])])
-    total = terms["loss_cls"] + terms["loss_box_reg"]
-    j = int(np.nanargmax(total))
-    p_given, p_background = terms["p_given"][j], terms["p_background"][j]
-    other = 1.0 - p_given - p_background
-    return ("swapped" if other > p_background or _other_class_wins(a, j) else "badly_located"), j
-
-
-def _other_class_wins(a: dict[str, Any], j: int) -> bool:
-    """A prediction of another class covers given box j (IoU >= 0.5) and scores above every
-    prediction of the given class that does."""
-    covers = a["iou_matrix"][j] >= UNMATCHED_IOU
-    probs = raw_probs(a)
-    same = a["pred_labels"] == a["lab_labels"][j]
-    return probs[covers & ~same].max(initial=0.0) > probs[covers & same].max(initial=0.0)
-
-
-def _box_key(record: dict[str, Any]) -> tuple:
-    return (record["kind"], record["source"], record.get("annotation_id"), tuple(record["bbox"]))
-
-
 def _box_records(a: dict[str, Any], scores: dict[str, np.ndarray], kind: str,
                  ann_ids: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
     """JSON-ready records (`_record`) of an image's boxes with cleanlab evidence (a per-box score
     below `KIND_CUT`), plus the worst box of ``kind``, worst first."""
     chosen: list[tuple[float, str, int]] = []
-    for k in ISSUE_KINDS:
+    for k in CLEANLAB_KINDS:
         s = scores[k]
         valid = np.flatnonzero(~np.isnan(s))
         chosen += [(float(s[j]), k, int(j)) for j in valid if s[j] < KIND_CUT]
         if k == kind and valid.size and not any(c[1] == k for c in chosen):
             j = int(valid[np.argmin(s[valid])])
             chosen.append((float(s[j]), k, j))
-    chosen.sort(key=lambda c: (c[0], ISSUE_KINDS.index(c[1]), c[2]))
+    chosen.sort(key=lambda c: (c[0], CLEANLAB_KINDS.index(c[1]), c[2]))
     return [_record(a, k, j, scores, ann_ids, names) for _, k, j in chosen]
 
 
 def _record(a: dict[str, Any], kind: str, j: int, scores: dict[str, np.ndarray],
-            ann_ids: np.ndarray, names: list[str],
-            terms: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+            ann_ids: np.ndarray, names: list[str]) -> dict[str, Any]:
     """One box concerned, JSON-ready.
 
     overlooked: ``{"kind", "source": "predicted", "bbox", "class", "class_index", "score",
@@ -165,8 +94,8 @@ def _record(a: dict[str, Any], kind: str, j: int, scores: dict[str, np.ndarray],
     "score"} or null}`` where ``predicted`` is the prediction the given box was compared with
     (`_compared_with`). ``box_score`` is cleanlab's per-box subtype score (lower = more likely
     wrong); ``score`` is the model's own (raw) score, and ``calibrated_score`` is added when the
-    ranking calibrated it. A record named by the box losses also has ``loss_cls``,
-    ``loss_box_reg``, ``p_given``, ``p_background`` (given boxes).
+    ranking calibrated it. (With box losses the records come from
+    `kfold_ray.report._box_issues._record`.)
     """
     box_score = _num(scores[kind][j]) if j < len(scores[kind]) else None
     if kind == "overlooked":
@@ -183,8 +112,6 @@ def _record(a: dict[str, Any], kind: str, j: int, scores: dict[str, np.ndarray],
     out = {"kind": kind, "source": "given", "annotation_id": int(ann_ids[j]),
            "bbox": _box(a["lab_bboxes"][j]), "class": names[c], "class_index": c,
            "box_score": box_score, "predicted": predicted}
-    if terms is not None:
-        out.update({t: _num(terms[t][j]) for t in LOSS_TERMS})
     return out
 
 

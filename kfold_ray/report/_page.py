@@ -33,7 +33,8 @@ __all__ = ["write_report"]
 
 REPORT_DIR = "report"
 KIND_TEXT = {"overlooked": "overlooked object", "swapped": "swapped class",
-             "badly_located": "badly located box", "": "no specific problem found"}
+             "badly_located": "badly located box", "spurious": "spurious box",
+             "": "no specific problem found"}
 
 
 def write_report(run: FinishedRun, rankings: dict[str, pa.Table], *, top: int = 20) -> Path:
@@ -231,8 +232,8 @@ def _summary_section(run: FinishedRun, rankings: dict[str, pa.Table]) -> str:
     oof = rankings["out_of_fold"]
     flagged = int(np.sum(oof.column("is_issue").to_numpy(zero_copy_only=False)))
     by_signal = oof.column("combined_score").null_count < oof.num_rows
-    order = ("the combined loss / unmatched-prediction score (<code>combined_score</code>)"
-             if by_signal else "cleanlab's label quality score")
+    order = ("their worst box in the per-box ranking (<code>box_score</code>; every box: "
+             "<code>box_issues.parquet</code>)" if by_signal else "cleanlab's label quality score")
     return ("<h2>Run</h2>" + _table([], rows)
             + f"<p>cleanlab flags <b>{flagged}</b> of {oof.num_rows} images as likely mislabelled "
               "(out-of-fold predictions, scored once over the whole dataset). Images are ranked by "
@@ -333,8 +334,9 @@ def _card(run: FinishedRun, s: dict[str, Any], in_sample: tuple[int, float] | No
         f"{_e(_fmt(s['swap_score']))}, badly located {_e(_fmt(s['badloc_score']))}</p>",
     ]
     if s.get("combined_score") is not None:
-        lines.append(f"<p>signals: box loss {_e(_fmt(s['loss_score']))}, unmatched prediction "
-                     f"{_e(_fmt(s['unmatched_score']))}, combined {_e(_fmt(s['combined_score']))}</p>")
+        lines.append(f"<p>signals: worst box {_e(_fmt(s.get('box_score')))}, box loss "
+                     f"{_e(_fmt(s['loss_score']))}, unmatched prediction "
+                     f"{_e(_fmt(s['unmatched_score']))}</p>")
     if in_sample is not None:
         lines.append(f"<p>in-sample: rank {_e(in_sample[0])}, quality {_e(_fmt(in_sample[1], 4))}</p>")
     for b in json.loads(s["boxes"]):
@@ -347,7 +349,8 @@ def _card(run: FinishedRun, s: dict[str, Any], in_sample: tuple[int, float] | No
 def _injected_line(e: dict[str, Any]) -> str:
     """A known error of the image, as the dataset's answer key records it."""
     what = {"missing": "a box was removed (an overlooked object)", "swapped": "the class was swapped",
-            "shifted": "the box was shifted"}.get(str(e.get("kind")), str(e.get("kind", "?")))
+            "shifted": "the box was shifted", "spurious": "a box was added where there is no object"
+            }.get(str(e.get("kind")), str(e.get("kind", "?")))
     ann = f" (annotation {e['annotation_id']})" if e.get("annotation_id") is not None else ""
     return f'<p><span class="injected-tag">injected error</span>: {_e(what)}{_e(ann)}</p>'
 
@@ -357,9 +360,16 @@ def _describe(b: dict[str, Any]) -> str:
     if b["kind"] == "overlooked":
         return f"overlooked: predicted '{b['class']}' ({b['score']:.2f}) at {box} matches no given box"
     p = b.get("predicted")
+    given = f"given '{b['class']}' (annotation {b['annotation_id']}) at {box}"
     if b["kind"] == "swapped":
+        if b.get("suggested") and b.get("p_other") is not None:
+            return (f"swapped? {given}; the model sees '{b['suggested']['class']}' "
+                    f"({b['p_other']:.2f}) rather than '{b['class']}' ({b['p_given']:.2f})")
         said = f"; predicted '{p['class']}' ({p['score']:.2f})" if p else ""
-        return f"swapped? given '{b['class']}' (annotation {b['annotation_id']}) at {box}{said}"
+        return f"swapped? {given}{said}"
+    if b["kind"] == "spurious":
+        bg = f" (background {b['p_background']:.2f})" if b.get("p_background") is not None else ""
+        return f"spurious? {given}: the model sees no object there{bg}"
     said = ("; best overlapping prediction at [" + ", ".join(f"{v:g}" for v in p["bbox"])
             + f"] ({p['score']:.2f})") if p else ""
-    return f"badly located? given '{b['class']}' (annotation {b['annotation_id']}) at {box}{said}"
+    return f"badly located? {given}{said}"

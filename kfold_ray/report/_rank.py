@@ -53,6 +53,7 @@ Columns of ``label_issues.parquet`` / ``.csv`` (`LABEL_ISSUE_COLUMNS`), one row 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,8 +65,9 @@ from .._exceptions import ConfigError
 from ..storage import _rundir
 from ..storage._atomic import atomic_path
 from ._finished_run import IN_SAMPLE_DIR, PREDICTIONS, FinishedRun
+from ._box_issues import image_records, rank_boxes, write_box_issues
+from ._box_signals import box_signals, given_box_terms
 from ._issue_kinds import (
-    LOSS_TERMS,
     UNMATCHED_IOU,
     explain_images,
     rank_fraction,
@@ -93,7 +95,9 @@ LABEL_ISSUES_CSV = _rundir.LABEL_ISSUES_CSV
 #: exceed the labels' accuracy, so 0.99 becomes ~0.9, under cleanlab's 0.95 threshold, and the
 #: errors it found before are missed (tests/report/test_calibrate.py).
 CALIBRATE_DEFAULT = False
-_SIGNAL_COLUMNS = ("loss_score", "unmatched_score", "combined_score")
+_SIGNAL_COLUMNS = ("loss_score", "unmatched_score", "combined_score", "box_score")
+#: The per-image signal the ranking orders images by when the run has box losses.
+IMAGE_ORDER_SIGNAL = "box_score"
 
 
 LABEL_ISSUE_SCHEMA = pa.schema([
@@ -114,6 +118,7 @@ LABEL_ISSUE_SCHEMA = pa.schema([
     ("loss_score", pa.float64()),
     ("unmatched_score", pa.float64()),
     ("combined_score", pa.float64()),
+    ("box_score", pa.float64()),
 ])
 LABEL_ISSUE_COLUMNS: tuple[str, ...] = tuple(LABEL_ISSUE_SCHEMA.names)
 
@@ -140,11 +145,12 @@ def label_issues_for_run(
     losses = pq.read_table(losses_path) if losses_path.is_file() else None
     # Calibration is cross-fitted over the fold plan's images even in-sample (one model): an
     # image's own labels never fit the map that calibrates its scores.
-    table = rank_label_issues(run.dataset, pq.read_table(path), fold_of_image=folds,
-                              box_losses=losses, calibrate=calibrate,
-                              calibration_groups=run.fold_of_image)
+    table, boxes = rank_issues(run.dataset, pq.read_table(path), fold_of_image=folds,
+                               box_losses=losses, calibrate=calibrate,
+                               calibration_groups=run.fold_of_image)
     if write:
         write_label_issues(folder, table)
+        write_box_issues(folder, boxes)
     return table
 
 
@@ -153,7 +159,18 @@ def rank_label_issues(
     box_losses: pa.Table | None = None, calibrate: bool = CALIBRATE_DEFAULT,
     calibration_groups: np.ndarray | None = None,
 ) -> pa.Table:
-    """Score every image with cleanlab, once over the whole table, and rank them worst first.
+    """The per-image ranking of `rank_issues` (see there)."""
+    return rank_issues(dataset, predictions, fold_of_image=fold_of_image, box_losses=box_losses,
+                       calibrate=calibrate, calibration_groups=calibration_groups)[0]
+
+
+def rank_issues(
+    dataset: CocoDataset, predictions: pa.Table, *, fold_of_image: np.ndarray | None = None,
+    box_losses: pa.Table | None = None, calibrate: bool = CALIBRATE_DEFAULT,
+    calibration_groups: np.ndarray | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """Score every image with cleanlab, once over the whole table, rank the images worst first,
+    and rank every given box and unmatched prediction (`kfold_ray.report._box_issues`).
 
     Args:
         dataset: the labels (crowd boxes are left out, as in the cleanlab labels kfold-ray writes).
@@ -170,7 +187,8 @@ def rank_label_issues(
         calibration_groups: int (N,) cross-fitting group of each image (default: its fold).
 
     Returns:
-        A pyarrow Table with `LABEL_ISSUE_COLUMNS`, sorted by ``rank`` (1 = worst).
+        (images, boxes): pyarrow Tables with `LABEL_ISSUE_COLUMNS` and `BOX_ISSUE_COLUMNS`,
+        each sorted by ``rank`` (1 = worst).
     """
     from .._schema import DETECTION_SCHEMA
 
@@ -195,7 +213,7 @@ def rank_label_issues(
 
 def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | None,
           box_losses: pa.Table | None = None, calibrate: bool = False,
-          calibration_groups: np.ndarray | None = None) -> pa.Table:
+          calibration_groups: np.ndarray | None = None) -> tuple[pa.Table, pa.Table]:
     from cleanlab.object_detection import rank as cl_rank
 
     from ..outputs._writers import cleanlab_predictions
@@ -217,14 +235,23 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
               for kind, scores in per_box.items()}
     quality = label_quality_scores(pooled)
     is_issue = find_label_issues(aux, per_box, dataset.num_classes)
-    losses = _losses_per_box(dataset, box_losses) if box_losses is not None else None
     signals = _loss_signals(dataset.num_images, aux, box_losses)
-    kinds, boxes = explain_images(dataset, aux, per_box, pooled, is_issue, losses, signals)
-    # Worst first. With the fold models' box losses, by the combined loss/unmatched signal (it
-    # finds errors where cleanlab's thresholds see nothing: benchmarks/README.md), cleanlab's
-    # quality breaking ties; else by quality alone. Ties keep dataset order.
+    terms = given_box_terms(dataset, box_losses)
+    _note_missing(box_losses, terms)
+    box_table, worst = rank_boxes(dataset, box_signals(dataset, table, terms), fold_of_image)
+    signals["box_score"] = worst.score if box_losses is not None else np.full(dataset.num_images, np.nan)
     if box_losses is not None:
-        order = np.lexsort((quality, -signals["combined_score"]))
+        # With the fold models' box losses, the kind and the boxes come from the per-box ranking.
+        kinds = worst.kind
+        boxes = [json.dumps(r, separators=(",", ":"))
+                 for r in image_records(box_table, dataset.num_images, dataset.class_names)]
+    else:
+        kinds, boxes = explain_images(dataset, aux, per_box, pooled, is_issue)
+    # Worst first. With the fold models' box losses, by IMAGE_ORDER_SIGNAL (it finds errors
+    # where cleanlab's thresholds see nothing: benchmarks/README.md), cleanlab's quality breaking
+    # ties; else by quality alone. Ties keep dataset order.
+    if box_losses is not None:
+        order = np.lexsort((quality, -signals[IMAGE_ORDER_SIGNAL]))
     else:
         order = np.argsort(quality, kind="stable")
     rank = np.empty(dataset.num_images, dtype=np.int32)
@@ -244,7 +271,25 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
     out = pa.table({name: pa.array(columns[name], type=LABEL_ISSUE_SCHEMA.field(name).type,
                                    from_pandas=name in _SIGNAL_COLUMNS)
                     for name in LABEL_ISSUE_COLUMNS}, schema=LABEL_ISSUE_SCHEMA)
-    return out.take(pa.array(order))
+    return out.take(pa.array(order)), box_table
+
+
+def _note_missing(box_losses: pa.Table | None, terms: dict[str, np.ndarray]) -> None:
+    """One line when the run lacks some per-box signals (an older run, or a detector without)."""
+    import logging
+
+    log = logging.getLogger("kfold_ray.report")
+    if box_losses is None:
+        log.warning("the run has no box_losses.parquet (a detector without per-box signals, or "
+                    "an older run): images are ranked by cleanlab's quality score, and the "
+                    "per-box ranking reads the predictions only")
+        return
+    missing = [t for t in ("p_other", "refined_iou") if t not in terms
+               or np.isnan(terms[t]).all()]
+    if missing:
+        log.warning("box_losses.parquet has no %s (written by an older kfold-ray): swapped "
+                    "classes are ranked by 1 - p_given - p_background against p_given, and "
+                    "box locations by the best prediction's IoU", ", ".join(missing))
 
 
 def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
@@ -278,31 +323,6 @@ def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
     combined = (np.maximum(rank_fraction(loss), rank_fraction(unmatched))
                 if box_losses is not None else loss)
     return {"loss_score": loss, "unmatched_score": unmatched, "combined_score": combined}
-
-
-def _losses_per_box(dataset: CocoDataset, box_losses: pa.Table) -> dict[str, np.ndarray]:
-    """The loss terms (`LOSS_TERMS`) of every given (non-crowd) box, float64 (num kept boxes,),
-    in the order of cleanlab's labels (image by image); NaN for a box without a row."""
-    keep = ~np.asarray(dataset.iscrowd, dtype=bool)
-    kept_before = np.concatenate([[0], np.cumsum(keep)])
-    if "ann_row" in box_losses.column_names:
-        rows = box_losses.column("ann_row").to_numpy().astype(np.int64)
-    else:  # box_losses.parquet names the annotation by id; ids the dataset lacks are left out
-        sorter = np.argsort(dataset.ann_ids, kind="stable")
-        ids = box_losses.column("annotation_id").to_numpy().astype(np.int64)
-        at = np.searchsorted(dataset.ann_ids, ids, sorter=sorter)
-        found = at < len(sorter)
-        found[found] = dataset.ann_ids[sorter[at[found]]] == ids[found]
-        rows = sorter[at[found]]
-        box_losses = box_losses.filter(pa.array(found))
-    ok = keep[rows]
-    out = {}
-    for name in LOSS_TERMS:
-        column = np.full(int(keep.sum()), np.nan)
-        if name in box_losses.column_names:
-            column[kept_before[rows[ok]]] = box_losses.column(name).to_numpy()[ok].astype(np.float64)
-        out[name] = column
-    return out
 
 
 def _fold_from_table(table: pa.Table, num_images: int) -> np.ndarray:

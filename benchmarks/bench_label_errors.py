@@ -12,7 +12,8 @@ given boxes each; `label_error_protocol.py`), found by kfold-ray's per-box and p
         --image-root PATH/bccd --out runs/label-errors/bccd -k 3 --max-iter 200 \\
         --opts SOLVER.STEPS "(160,)" INPUT.MIN_SIZE_TRAIN "(256,)" INPUT.MAX_SIZE_TRAIN 342 \\
         INPUT.MIN_SIZE_TEST 256 INPUT.MAX_SIZE_TEST 342
-    # score a finished run again (no training), e.g. after a change to the ranking:
+    # --train-only trains (or resumes) and leaves the scoring for later; score a finished run
+    # again (no training), e.g. after a change to the ranking:
     python benchmarks/bench_label_errors.py --out runs/label-errors/digits-s0-i150 --score-only
 
 Each --out holds data/ (the corrupted annotations.json, annotations_clean.json,
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         _train(args, annotations, image_root, args.out / "run")
         seconds = time.perf_counter() - started
         (args.out / "train_seconds.json").write_text(json.dumps({"seconds": round(seconds, 1)}))
+        if args.train_only:
+            return 0
     from benchmarks.label_error_scores import report
 
     results = report(args.out, exclude=args.exclude_negatives, bootstrap=args.bootstrap)
@@ -65,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=150, help="default: the example's budget")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="more Detectron2 overrides")
     p.add_argument("--score-only", action="store_true", help="score the finished run in --out")
+    p.add_argument("--train-only", action="store_true", help="train (or resume), score later")
     p.add_argument("--exclude-negatives", type=Path, default=None,
                    help="a text file of image file names (one a line) left out of the negatives "
                         "(e.g. images judged to hold real label errors)")

@@ -9,9 +9,10 @@ is sorted by that rank (so the lists of the four kinds interleave, the worst of 
 whatever the scale of each signal and however many rows each population has). ``score`` is the
 same order as a number in (0, 1]: 1 - (rank - 1) / rows.
 
-A row's kind is ``named`` when its signal is also an outlier of its population (above Tukey's
-fence, Q3 + 1.5 IQR: evidence, whatever the strength of the models); the per-image ranking
-names an image's kind from its worst row that way.
+A row's kind is ``named`` when its signal is also evidence: an outlier of its population (above
+Tukey's fence, Q3 + 1.5 IQR, whatever the strength of the models) or past the point where the
+model's own outputs decide it (`NAMED_ABOVE`); the per-image ranking names an image's kind from
+its worst row that way ("" when that row is not named).
 
 Columns (`BOX_ISSUE_SCHEMA`), sorted by ``rank``:
 
@@ -59,6 +60,11 @@ __all__ = ["BOX_ISSUE_SCHEMA", "BOX_KINDS", "ImageWorst", "rank_boxes", "write_b
 
 BOX_KINDS: tuple[str, ...] = ("swapped", "badly_located", "spurious", "overlooked")
 _GIVEN_KINDS = BOX_KINDS[:3]
+#: A kind is also named, outlier or not, where the model's own outputs decide it: another class
+#: more likely than the given one; the box overlapping where the model would put it by less than
+#: COCO's match criterion (IoU 0.5); background more likely than not; a prediction more likely
+#: right than not.
+NAMED_ABOVE = {"swapped": 0.0, "badly_located": 0.5, "spurious": 0.5, "overlooked": 0.5}
 _SIGNAL_COLUMN = {"swapped": "swap_signal", "badly_located": "shift_signal",
                   "spurious": "spurious_signal", "overlooked": "overlooked_signal"}
 _HEAD_TERMS = ("p_given", "p_other", "p_background", "refined_iou", "loss_cls", "loss_box_reg")
@@ -113,7 +119,8 @@ def rank_boxes(dataset: CocoDataset, sig: BoxSignals, fold_of_image: np.ndarray
     n = key.size
     value = np.concatenate([np.choose(g_kind, [given_values[k] for k in _GIVEN_KINDS])
                             if n_given else np.zeros(0), overlooked])
-    named = value > np.array([fences[BOX_KINDS[k]] for k in range(4)])[kind]
+    cut = np.array([min(fences[k], NAMED_ABOVE[k]) for k in BOX_KINDS])
+    named = value > cut[kind]
     score = 1.0 - (key - 1) / max(n, 1)
     table = _table(dataset, sig, fold_of_image, pred_rows, order, key, kind, named, score)
     return table, _per_image(dataset.num_images, image[order], score[order], kind[order],
@@ -127,13 +134,9 @@ def _table(dataset: CocoDataset, sig: BoxSignals, fold_of_image: np.ndarray, pre
     is_given = np.r_[np.ones(n_given, bool), np.zeros(pred_rows.size, bool)][order]
     image = np.concatenate([sig.g_image, sig.p_image[pred_rows]])[order]
     claim = sig.claim
-    has_claim = claim >= 0
-    best = np.concatenate([np.where(has_claim[:, None], sig.p_box[np.maximum(claim, 0)], np.nan)
-                           if n_given else np.zeros((0, 4)), sig.p_box[pred_rows]])[order]
-    best_score = np.concatenate([np.where(has_claim, sig.p_score[np.maximum(claim, 0)], np.nan)
-                                 if n_given else np.zeros(0), sig.p_score[pred_rows]])[order]
-    best_class = np.concatenate([np.where(has_claim, sig.p_class[np.maximum(claim, 0)], -1)
-                                 if n_given else np.zeros(0, np.int64), sig.p_class[pred_rows]])[order]
+    best = np.concatenate([_take(sig.p_box, claim, np.nan), sig.p_box[pred_rows]])[order]
+    best_score = np.concatenate([_take(sig.p_score, claim, np.nan), sig.p_score[pred_rows]])[order]
+    best_class = np.concatenate([_take(sig.p_class, claim, -1), sig.p_class[pred_rows]])[order]
     boxes = np.concatenate([sig.g_box, sig.p_box[pred_rows]])[order]
     cls = np.concatenate([sig.g_class, sig.p_class[pred_rows]])[order]
     ann = np.concatenate([dataset.ann_ids[sig.g_row], np.zeros(pred_rows.size, np.int64)])[order]
@@ -163,6 +166,15 @@ def _table(dataset: CocoDataset, sig: BoxSignals, fold_of_image: np.ndarray, pre
               else pa.array(columns[f.name], type=f.type, from_pandas=True)
               for f in BOX_ISSUE_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=BOX_ISSUE_SCHEMA)
+
+
+def _take(values: np.ndarray, index: np.ndarray, fill) -> np.ndarray:
+    """values[index] where index >= 0, else ``fill`` (also when ``values`` is empty)."""
+    dtype = np.result_type(values.dtype, np.asarray(fill).dtype)
+    out = np.full((index.size, *values.shape[1:]), fill, dtype=dtype)
+    ok = index >= 0
+    out[ok] = values[index[ok]]
+    return out
 
 
 def _per_image(num_images: int, image: np.ndarray, score: np.ndarray, kind: np.ndarray,

@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._pairs import FlatBoxes
+from ._scores import PairStats
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -34,8 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["BoxSignals", "UNMATCHED_IOU", "box_signals", "given_box_terms"]
 
 UNMATCHED_IOU = 0.5
-#: Pairs (given box x prediction of the same image) handled at once: ~200 MB of temporaries.
-_CHUNK_PAIRS = 4_000_000
 #: The per-given-box columns of box_losses.parquet the signals read (older runs lack the last three).
 TERMS = ("loss_cls", "loss_box_reg", "p_given", "p_background", "p_other", "other_class", "refined_iou")
 
@@ -46,7 +47,7 @@ class BoxSignals:
     (image by image), and of its predictions, grouped by image then class (cleanlab's order).
 
     Given (G,): ``g_image`` int64, ``g_row`` int64 (row in the dataset's annotation arrays),
-    ``g_class`` int64, ``g_box`` float32 (G, 4), ``claim`` int64 (index of its best prediction,
+    ``g_class`` int64, ``g_box`` float64 (G, 4), ``claim`` int64 (index of its best prediction,
     -1: none overlaps it), ``claim_iou`` float64, ``swapped``, ``badly_located``, ``spurious``
     float64 (NaN: not computable), ``suggested_class`` int64 (-1: none).
     Predictions (P,): ``p_image``, ``p_class``, ``p_box``, ``p_score``, ``p_table_row`` (its row
@@ -107,55 +108,34 @@ def given_box_terms(dataset: CocoDataset, box_losses: pa.Table | None) -> dict[s
     return out
 
 
-def box_signals(dataset: CocoDataset, predictions: pa.Table, terms: dict[str, np.ndarray],
-                scores: np.ndarray | None = None) -> BoxSignals:
-    """Every per-box signal of the run (see the module docstring).
-
-    Args:
-        dataset: the labels (crowd boxes left out).
-        predictions: DETECTION_SCHEMA columns (image_index, class_index, x1..y2, score).
-        terms: `given_box_terms` of the run ({} without box losses).
-        scores: float (rows of ``predictions``,) scores to use instead of the table's (e.g.
-            calibrated), in table order.
-    """
-    keep = ~np.asarray(dataset.iscrowd, dtype=bool)
-    g_row = np.flatnonzero(keep)
-    per_image = np.diff(dataset.ann_offsets)
-    g_image = np.repeat(np.arange(dataset.num_images, dtype=np.int64), per_image)[g_row]
-    g_box = np.asarray(dataset.boxes, dtype=np.float32)[g_row]
-    g_class = np.asarray(dataset.classes, dtype=np.int64)[g_row]
-    col = lambda name, dtype: predictions.column(name).to_numpy().astype(dtype, copy=False)  # noqa: E731
-    img, cls = col("image_index", np.int64), col("class_index", np.int64)
-    order = np.argsort(img * max(dataset.num_classes, 1) + cls, kind="stable")
-    p_image, p_class = img[order], cls[order]
-    p_box = np.stack([col(c, np.float32)[order] for c in ("x1", "y1", "x2", "y2")], axis=1) \
-        if order.size else np.zeros((0, 4), np.float32)
-    p_score = (col("score", np.float64) if scores is None else np.asarray(scores, np.float64))[order]
-    pairs = _pair_pass(dataset.num_images, g_image, g_box, g_class, p_image, p_box, p_class, p_score)
-    claimed = np.zeros(p_image.size, dtype=bool)
-    claimed[pairs["claim"][pairs["claim"] >= 0]] = True
-    unmatched = ~claimed & (pairs["best_iou"] < UNMATCHED_IOU)
+def box_signals(flat: FlatBoxes, stats: PairStats, terms: dict[str, np.ndarray]) -> BoxSignals:
+    """Every per-box signal of the run (see the module docstring), from the flat boxes and the
+    pass over their pairs (`kfold_ray.report._scores.pair_stats`); ``terms``: `given_box_terms`
+    ({} without box losses)."""
+    claimed = np.zeros(flat.p_image.size, dtype=bool)
+    claimed[stats.claim[stats.claim >= 0]] = True
+    unmatched = ~claimed & (stats.best_iou < UNMATCHED_IOU)
     missing = tuple(t for t in TERMS if t not in terms)
-    swapped, suggested, spurious = _class_signals(terms, pairs, g_class.size)
+    swapped, suggested, spurious = _class_signals(terms, stats, flat.g_image.size)
     refined = terms.get("refined_iou")
-    from_claim = np.where(pairs["claim"] >= 0, 1.0 - pairs["claim_iou"], np.nan)
+    from_claim = np.where(stats.claim >= 0, 1.0 - stats.claim_iou, np.nan)
     badly_located = from_claim if refined is None else np.where(np.isnan(refined), from_claim,
                                                                 1.0 - refined)
     return BoxSignals(
-        g_image=g_image, g_row=g_row, g_class=g_class, g_box=g_box, claim=pairs["claim"],
-        claim_iou=pairs["claim_iou"], swapped=swapped, badly_located=badly_located,
-        spurious=spurious, suggested_class=suggested, p_image=p_image, p_class=p_class,
-        p_box=p_box, p_score=p_score, p_table_row=order, best_iou=pairs["best_iou"],
-        unmatched=unmatched, overlooked=np.where(unmatched, p_score, np.nan), terms=terms,
-        missing=missing)
+        g_image=flat.g_image, g_row=flat.g_row, g_class=flat.g_class, g_box=flat.g_box,
+        claim=stats.claim, claim_iou=stats.claim_iou, swapped=swapped,
+        badly_located=badly_located, spurious=spurious, suggested_class=suggested,
+        p_image=flat.p_image, p_class=flat.p_class, p_box=flat.p_box, p_score=flat.p_score,
+        p_table_row=flat.p_table_row, best_iou=stats.best_iou, unmatched=unmatched,
+        overlooked=np.where(unmatched, flat.p_score, np.nan), terms=terms, missing=missing)
 
 
-def _class_signals(terms: dict[str, np.ndarray], pairs: dict[str, np.ndarray], n: int):
+def _class_signals(terms: dict[str, np.ndarray], pairs: PairStats, n: int):
     """(swapped, suggested class, spurious) per given box: from the model's heads on the box
     where the run has them, else from the predictions covering it (IoU >= `UNMATCHED_IOU`)."""
-    cover_same, cover_other = pairs["cover_same"], pairs["cover_other"]
+    cover_same, cover_other = pairs.cover_same, pairs.cover_other
     swapped = cover_other - cover_same
-    suggested = np.where(cover_other > 0, pairs["cover_other_class"], -1)
+    suggested = np.where(cover_other > 0, pairs.cover_other_class, -1)
     spurious = 1.0 - np.maximum(cover_same, cover_other)
     if "p_given" in terms:
         p_given = terms["p_given"]
@@ -173,78 +153,3 @@ def _class_signals(terms: dict[str, np.ndarray], pairs: dict[str, np.ndarray], n
         bg = terms["p_background"]
         spurious = np.where(np.isnan(bg), spurious, bg)
     return swapped, suggested.astype(np.int64), spurious
-
-
-def _pair_pass(num_images: int, g_image, g_box, g_class, p_image, p_box, p_class, p_score
-               ) -> dict[str, np.ndarray]:
-    """Every (given box, prediction) pair of each image, a chunk of images at a time.
-
-    Per given box: ``claim`` (its best box: the prediction of largest IoU x score among those
-    overlapping it; -1: none), ``claim_iou``, ``cover_same``/``cover_other`` (best score of a
-    prediction of its class / another class with IoU >= `UNMATCHED_IOU`; 0: none) and
-    ``cover_other_class``. Per prediction: ``best_iou`` with any given box (0: none).
-    """
-    G, P = g_image.size, p_image.size
-    out = {"claim": np.full(G, -1, np.int64), "claim_iou": np.zeros(G), "cover_same": np.zeros(G),
-           "cover_other": np.zeros(G), "cover_other_class": np.full(G, -1, np.int64),
-           "best_iou": np.zeros(P)}
-    g_start = np.searchsorted(g_image, np.arange(num_images + 1))
-    p_start = np.searchsorted(p_image, np.arange(num_images + 1))
-    n_g, n_p = np.diff(g_start), np.diff(p_start)
-    cost = np.cumsum(n_g * n_p)
-    lo = 0
-    while lo < num_images:
-        base = cost[lo - 1] if lo else 0
-        hi = max(lo + 1, int(np.searchsorted(cost, base + _CHUNK_PAIRS, side="right")))
-        hi = min(hi, num_images)
-        _pairs_of(out, slice(lo, hi), g_start, p_start, n_g, n_p, g_box, g_class, p_box, p_class,
-                  p_score)
-        lo = hi
-    return out
-
-
-def _pairs_of(out, images: slice, g_start, p_start, n_g, n_p, g_box, g_class, p_box, p_class,
-              p_score) -> None:
-    ng, npred = n_g[images], n_p[images]
-    per = ng * npred
-    if not per.sum():
-        return
-    # Pair k of image i: given g_start[i] + k // npred[i], prediction p_start[i] + k % npred[i].
-    owner = np.repeat(np.arange(per.size), per)
-    k = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
-    g = g_start[images][owner] + k // npred[owner]
-    p = p_start[images][owner] + k % npred[owner]
-    iou = _iou(g_box[g], p_box[p])
-    # Per given box: pairs are contiguous (given-major), so reduceat over its segment.
-    seg = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    gs = g[seg]
-    weight = iou * p_score[p]
-    best = np.maximum.reduceat(weight, seg)
-    # The first pair of each segment reaching its best weight is the claim.
-    is_best = (weight == np.repeat(best, np.diff(np.r_[seg, g.size]))) & (weight > 0)
-    first = np.flatnonzero(is_best)
-    first = first[np.r_[True, g[first][1:] != g[first][:-1]]] if first.size else first
-    out["claim"][g[first]] = p[first]
-    out["claim_iou"][g[first]] = iou[first]
-    covers = iou >= UNMATCHED_IOU
-    same = g_class[g] == p_class[p]
-    s = np.where(covers & same, p_score[p], 0.0)
-    o = np.where(covers & ~same, p_score[p], 0.0)
-    out["cover_same"][gs] = np.maximum.reduceat(s, seg)
-    out["cover_other"][gs] = np.maximum.reduceat(o, seg)
-    top = np.flatnonzero(o > 0)
-    if top.size:  # class of the best other-class cover: the last write of a sort by score wins
-        top = top[np.argsort(o[top], kind="stable")]
-        out["cover_other_class"][g[top]] = p_class[p[top]]
-    np.maximum.at(out["best_iou"], p, iou)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64 (n,) IoU of the xyxy boxes a[i] and b[i]."""
-    a, b = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
-    w = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    h = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = w * h
-    union = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-             - inter)
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)

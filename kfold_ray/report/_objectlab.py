@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["auxiliary_inputs", "box_scores", "find_label_issues", "label_quality_scores", "per_class_ap"]
+__all__ = ["auxiliary_inputs", "box_scores", "find_label_issues", "label_quality_scores", "per_class_ap",
+           "per_class_ap_flat"]
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # as cleanlab's _get_per_class_ap
 
@@ -119,6 +120,13 @@ def per_class_ap(aux: list[dict[str, Any]], num_classes: int) -> np.ndarray:
     cls, score, best, label = _best_same_class_label(aux)
     num_gts = np.bincount(np.concatenate([a["lab_labels"] for a in aux] or [np.zeros(0, np.int64)]),
                           minlength=num_classes)
+    return per_class_ap_flat(cls, score, best, label, num_gts, num_classes)
+
+
+def per_class_ap_flat(cls: np.ndarray, score: np.ndarray, best: np.ndarray, label: np.ndarray,
+                      num_gts: np.ndarray, num_classes: int) -> np.ndarray:
+    """`per_class_ap` from flat arrays over all predictions: class, score, IoU of its best given
+    box of its class (< 0: none) and that box's global index; ``num_gts`` given boxes per class."""
     # Per class, predictions by descending score (cleanlab sorts each class's predictions so).
     order = np.lexsort((-score, cls))
     starts = np.searchsorted(cls[order], np.arange(num_classes + 1))

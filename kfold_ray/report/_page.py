@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ..storage._atomic import atomic_path, write_text
 from ._injected import INJECTED_ERRORS, injected_errors_of, score_against_injected
-from ._issue_kinds import ISSUE_KINDS
+from ._box_issues import BOX_KINDS
 from ._overlays import CONCERNED, GIVEN, PRED_MIN_SCORE, PREDICTED, draw_overlay
 
 if TYPE_CHECKING:
@@ -269,7 +269,7 @@ def _ap_section(run: FinishedRun) -> str:
 def _quality_section(rankings: dict[str, pa.Table]) -> str:
     oof = rankings["out_of_fold"]
     kinds = oof.column("issue_kind").to_pylist()
-    counts = ", ".join(f"{KIND_TEXT[k]}: {kinds.count(k)}" for k in ISSUE_KINDS)
+    counts = ", ".join(f"{KIND_TEXT[k]}: {kinds.count(k)}" for k in BOX_KINDS)
     return ("<h2>Label quality scores</h2>"
             '<p><img src="quality.png" alt="histogram of label quality scores"></p>'
             f"<p>Images with a likely problem named (the rest show no sign of one): {_e(counts)}.</p>")

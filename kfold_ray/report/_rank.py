@@ -56,7 +56,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -66,14 +66,9 @@ from ..storage import _rundir
 from ..storage._atomic import atomic_path
 from ._finished_run import IN_SAMPLE_DIR, PREDICTIONS, FinishedRun
 from ._box_issues import image_records, rank_boxes, write_box_issues
-from ._box_signals import box_signals, given_box_terms
-from ._issue_kinds import (
-    UNMATCHED_IOU,
-    explain_images,
-    rank_fraction,
-    raw_probs,
-)
-from ._objectlab import auxiliary_inputs
+from ._box_signals import UNMATCHED_IOU, box_signals, given_box_terms
+from ._pairs import FlatBoxes, flatten, pair_chunks
+from ._scores import PairStats, cleanlab_scores, pair_stats
 
 if TYPE_CHECKING:
     from ..data._dataset import CocoDataset
@@ -214,39 +209,24 @@ def rank_issues(
 def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | None,
           box_losses: pa.Table | None = None, calibrate: bool = False,
           calibration_groups: np.ndarray | None = None) -> tuple[pa.Table, pa.Table]:
-    from cleanlab.object_detection import rank as cl_rank
-
-    from ..outputs._writers import cleanlab_predictions
-    from ._objectlab import box_scores, find_label_issues, label_quality_scores
-
     if fold_of_image is None:
         fold_of_image = _fold_from_table(table, dataset.num_images)
-    predictions = cleanlab_predictions(table, num_images=dataset.num_images,
-                                       num_classes=dataset.num_classes)
-    aux = auxiliary_inputs(dataset.cleanlab_labels(), predictions)
+    flat = flatten(dataset, table)
+    probs = flat.p_score
     if calibrate:
-        from ._calibrate import calibrate_scores
-
-        calibrate_scores(aux, fold_of_image if calibration_groups is None else calibration_groups)
-    # cleanlab's scores and flags from the auxiliary inputs built once (cleanlab's own functions
-    # rebuild them, in Python loops over box pairs, and start process pools: _objectlab.py).
-    per_box = box_scores(aux)
-    pooled = {kind: np.asarray(cl_rank.pool_box_scores_per_image(scores), dtype=np.float64)
-              for kind, scores in per_box.items()}
-    quality = label_quality_scores(pooled)
-    is_issue = find_label_issues(aux, per_box, dataset.num_classes)
-    signals = _loss_signals(dataset.num_images, aux, box_losses)
+        probs = _calibrated(flat, fold_of_image if calibration_groups is None else calibration_groups)
+    # One pass over every (given box, prediction) pair gives cleanlab's scores and the box
+    # signals alike (cleanlab's own functions rebuild their inputs in Python loops over box
+    # pairs and start process pools: _objectlab.py, _scores.py).
+    stats = pair_stats(flat, probs)
+    pooled, quality, is_issue = cleanlab_scores(flat, probs, stats, dataset.num_classes)
+    signals = _loss_signals(flat, stats, box_losses)
     terms = given_box_terms(dataset, box_losses)
     _note_missing(box_losses, terms)
-    box_table, worst = rank_boxes(dataset, box_signals(dataset, table, terms), fold_of_image)
+    box_table, worst = rank_boxes(dataset, box_signals(flat, stats, terms), fold_of_image)
     signals["box_score"] = worst.score if box_losses is not None else np.full(dataset.num_images, np.nan)
-    if box_losses is not None:
-        # With the fold models' box losses, the kind and the boxes come from the per-box ranking.
-        kinds = worst.kind
-        boxes = [json.dumps(r, separators=(",", ":"))
-                 for r in image_records(box_table, dataset.num_images, dataset.class_names)]
-    else:
-        kinds, boxes = explain_images(dataset, aux, per_box, pooled, is_issue)
+    boxes = [json.dumps(r, separators=(",", ":"))
+             for r in image_records(box_table, dataset.num_images, dataset.class_names)]
     # Worst first. With the fold models' box losses, by IMAGE_ORDER_SIGNAL (it finds errors
     # where cleanlab's thresholds see nothing: benchmarks/README.md), cleanlab's quality breaking
     # ties; else by quality alone. Ties keep dataset order.
@@ -256,15 +236,14 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
         order = np.argsort(quality, kind="stable")
     rank = np.empty(dataset.num_images, dtype=np.int32)
     rank[order] = np.arange(1, dataset.num_images + 1, dtype=np.int32)
-    n_given = np.array([len(a["lab_labels"]) for a in aux], dtype=np.int32)
-    n_pred = np.array([len(a["pred_labels"]) for a in aux], dtype=np.int32)
     columns = {
         "rank": rank, "image_index": np.arange(dataset.num_images, dtype=np.int64),
         "image_id": dataset.image_ids.astype(np.int64), "file_name": list(dataset.file_names),
         "fold": fold_of_image.astype(np.int32), "quality_score": quality, "is_issue": is_issue,
-        "issue_kind": kinds, "overlooked_score": pooled["overlooked"],
+        "issue_kind": worst.kind, "overlooked_score": pooled["overlooked"],
         "swap_score": pooled["swapped"], "badloc_score": pooled["badly_located"],
-        "num_given": n_given, "num_predicted": n_pred, "boxes": boxes,
+        "num_given": np.diff(flat.g_start).astype(np.int32),
+        "num_predicted": np.diff(flat.p_start).astype(np.int32), "boxes": boxes,
         **signals,
     }
     # from_pandas: a signal that could not be computed (NaN) is a null, not a number.
@@ -272,6 +251,19 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
                                    from_pandas=name in _SIGNAL_COLUMNS)
                     for name in LABEL_ISSUE_COLUMNS}, schema=LABEL_ISSUE_SCHEMA)
     return out.take(pa.array(order)), box_table
+
+
+def _calibrated(flat: FlatBoxes, groups: np.ndarray) -> np.ndarray:
+    """Cross-fitted per-class calibrated scores (`kfold_ray.report._calibrate`) of every
+    prediction: right = it overlaps a given box of its class with IoU >= MATCH_IOU."""
+    from ._calibrate import MATCH_IOU, cross_fitted_scores
+
+    best = np.full(flat.p_image.size, -1.0)
+    for c in pair_chunks(flat):
+        same = flat.g_class[c.g] == flat.p_class[c.p]
+        np.maximum.at(best, c.p[same], c.iou[same])
+    groups = np.asarray(groups, dtype=np.int64)[flat.p_image]
+    return cross_fitted_scores(flat.p_score, flat.p_class, best >= MATCH_IOU, groups)
 
 
 def _note_missing(box_losses: pa.Table | None, terms: dict[str, np.ndarray]) -> None:
@@ -292,7 +284,7 @@ def _note_missing(box_losses: pa.Table | None, terms: dict[str, np.ndarray]) -> 
                     "box locations by the best prediction's IoU", ", ".join(missing))
 
 
-def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
+def _loss_signals(flat: FlatBoxes, stats: PairStats, box_losses: pa.Table | None
                   ) -> dict[str, np.ndarray]:
     """Per image, the signals that do not need a confident detector (benchmarks/README.md:
     together they found the example's injected errors with AUROC 0.946 where cleanlab's quality
@@ -305,14 +297,10 @@ def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
         combined_score   the larger of the two, each as its rank fraction over the dataset in
                          [0, 1] (no weights to tune); null without losses
     """
-
+    n = flat.num_images
     unmatched = np.zeros(n, dtype=np.float64)
-    for i, a in enumerate(aux):
-        probs = raw_probs(a)
-        if probs.size:
-            iou = a["iou_matrix"]
-            free = np.ones(probs.size, dtype=bool) if iou.shape[0] == 0 else iou.max(axis=0) < UNMATCHED_IOU
-            unmatched[i] = probs[free].max(initial=0.0)
+    free = stats.best_iou < UNMATCHED_IOU
+    np.maximum.at(unmatched, flat.p_image[free], flat.p_score[free])
     loss = np.full(n, np.nan)
     if box_losses is not None:
         loss[:] = 0.0  # an image without given boxes has nothing to lose
@@ -323,6 +311,13 @@ def _loss_signals(n: int, aux: list[dict[str, Any]], box_losses: pa.Table | None
     combined = (np.maximum(rank_fraction(loss), rank_fraction(unmatched))
                 if box_losses is not None else loss)
     return {"loss_score": loss, "unmatched_score": unmatched, "combined_score": combined}
+
+
+def rank_fraction(x: np.ndarray) -> np.ndarray:
+    """Each value's rank among ``x`` as a fraction in [0, 1] (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    return (rankdata(x) - 1) / max(len(x) - 1, 1)
 
 
 def _fold_from_table(table: pa.Table, num_images: int) -> np.ndarray:

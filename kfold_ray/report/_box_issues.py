@@ -20,7 +20,8 @@ Columns (`BOX_ISSUE_SCHEMA`), sorted by ``rank``:
     image_index     int64   position of the image in the dataset
     image_id        int64   COCO image id
     fold            int32   fold whose model held the image out
-    source          string  "given" (a given box) | "predicted" (an unmatched prediction)
+    source          string  "given" (a given box) | "predicted" (an unmatched prediction);
+                            dictionary-encoded, as ``kind`` (a pandas category)
     annotation_id   int64   the given box's COCO annotation id (null for a prediction)
     class_index     int32   the given class, or the predicted class
     category_id     int64   its COCO category id
@@ -29,7 +30,7 @@ Columns (`BOX_ISSUE_SCHEMA`), sorted by ``rank``:
     named           bool    the signal of ``kind`` is an outlier (see above)
     score           float64 (0, 1], higher = more likely wrong
     signal_rank     int64   the row's rank under ``kind``
-    swap_signal, shift_signal, spurious_signal, overlooked_signal  float64 the signals (null
+    swap_signal, shift_signal, spurious_signal, overlooked_signal  float32 the signals (null
                     where they do not apply)
     suggested_class_index  int32  the class the model sees instead (swapped), or the predicted
                     class (overlooked); -1: none
@@ -69,14 +70,15 @@ _SIGNAL_COLUMN = {"swapped": "swap_signal", "badly_located": "shift_signal",
                   "spurious": "spurious_signal", "overlooked": "overlooked_signal"}
 _HEAD_TERMS = ("p_given", "p_other", "p_background", "refined_iou", "loss_cls", "loss_box_reg")
 
+_DICT = pa.dictionary(pa.int8(), pa.string())
 BOX_ISSUE_SCHEMA = pa.schema([
     ("rank", pa.int32()), ("image_index", pa.int64()), ("image_id", pa.int64()),
-    ("fold", pa.int32()), ("source", pa.string()), ("annotation_id", pa.int64()),
+    ("fold", pa.int32()), ("source", _DICT), ("annotation_id", pa.int64()),
     ("class_index", pa.int32()), ("category_id", pa.int64()),
     ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32()),
-    ("kind", pa.string()), ("named", pa.bool_()), ("score", pa.float64()),
+    ("kind", _DICT), ("named", pa.bool_()), ("score", pa.float64()),
     ("signal_rank", pa.int64()),
-    *[(c, pa.float64()) for c in _SIGNAL_COLUMN.values()],
+    *[(c, pa.float32()) for c in _SIGNAL_COLUMN.values()],
     ("suggested_class_index", pa.int32()),
     ("best_x1", pa.float32()), ("best_y1", pa.float32()), ("best_x2", pa.float32()),
     ("best_y2", pa.float32()), ("best_score", pa.float32()), ("best_class_index", pa.int32()),
@@ -98,74 +100,81 @@ class ImageWorst:
 
 def rank_boxes(dataset: CocoDataset, sig: BoxSignals, fold_of_image: np.ndarray
                ) -> tuple[pa.Table, ImageWorst]:
-    """The per-box table (`BOX_ISSUE_SCHEMA`, worst first) and each image's worst row."""
+    """The per-box table (`BOX_ISSUE_SCHEMA`, worst first) and each image's worst row.
+
+    Unmatched predictions that rank below the first max(given boxes, images) of their kind are
+    left out: they would rank after every given box (whose ranks are at most that), and at
+    COCO scale they are millions of low-score detections.
+    """
     n_given = sig.g_image.size
-    pred_rows = np.flatnonzero(sig.unmatched)
-    given_values = {k: getattr(sig, k) for k in _GIVEN_KINDS}
-    ranks = np.stack([_competition_rank(given_values[k]) for k in _GIVEN_KINDS], axis=1) \
-        if n_given else np.zeros((0, 3), np.int64)
-    g_kind = ranks.argmin(axis=1) if n_given else np.zeros(0, np.int64)
-    g_key = ranks.min(axis=1) if n_given else np.zeros(0, np.int64)
+    values = [getattr(sig, k) for k in _GIVEN_KINDS]
+    ranks = np.stack([_competition_rank(v) for v in values], axis=1) if n_given \
+        else np.zeros((0, 3), np.int64)
+    g_kind = ranks.argmin(axis=1)
+    g_key = ranks.min(axis=1)
     g_second = np.sort(ranks, axis=1)[:, 1] if n_given else np.zeros(0, np.int64)
-    overlooked = sig.overlooked[pred_rows]
-    p_key = _competition_rank(overlooked)
-    fences = {k: _tukey_fence(v) for k, v in given_values.items()}
-    fences["overlooked"] = _tukey_fence(overlooked)
+    unmatched = np.flatnonzero(sig.unmatched)
+    overlooked_all = sig.overlooked[unmatched]
+    p_rank = _competition_rank(overlooked_all)
+    cut = np.array([min(_tukey_fence(v), NAMED_ABOVE[k]) for k, v in
+                    zip(BOX_KINDS, [*values, overlooked_all])])
+    kept = p_rank <= max(n_given, dataset.num_images)
+    pred_rows, p_key, overlooked = unmatched[kept], p_rank[kept], overlooked_all[kept]
     key = np.concatenate([g_key, p_key])
     kind = np.concatenate([g_kind, np.full(pred_rows.size, 3, np.int64)])
     image = np.concatenate([sig.g_image, sig.p_image[pred_rows]])
     second = np.concatenate([g_second, np.full(pred_rows.size, np.iinfo(np.int64).max)])
     order = np.lexsort((image, second, key))
-    n = key.size
-    value = np.concatenate([np.choose(g_kind, [given_values[k] for k in _GIVEN_KINDS])
-                            if n_given else np.zeros(0), overlooked])
-    cut = np.array([min(fences[k], NAMED_ABOVE[k]) for k in BOX_KINDS])
+    value = np.concatenate([np.choose(g_kind, values) if n_given else np.zeros(0), overlooked])
     named = value > cut[kind]
-    score = 1.0 - (key - 1) / max(n, 1)
-    table = _table(dataset, sig, fold_of_image, pred_rows, order, key, kind, named, score)
+    score = 1.0 - (key - 1) / max(key.size, 1)
+    table = _table(dataset, sig, fold_of_image, pred_rows, image, kind, named, score, key)
+    table = table.take(pa.array(order))
+    table = table.set_column(0, "rank", pa.array(np.arange(1, order.size + 1, dtype=np.int32)))
     return table, _per_image(dataset.num_images, image[order], score[order], kind[order],
                              named[order])
 
 
 def _table(dataset: CocoDataset, sig: BoxSignals, fold_of_image: np.ndarray, pred_rows,
-           order, key, kind, named, score) -> pa.Table:
-    n_given = sig.g_image.size
-    nan = lambda k: np.full(k, np.nan)  # noqa: E731
-    is_given = np.r_[np.ones(n_given, bool), np.zeros(pred_rows.size, bool)][order]
-    image = np.concatenate([sig.g_image, sig.p_image[pred_rows]])[order]
+           image, kind, named, score, key) -> pa.Table:
+    """The rows unsorted: the given boxes, then the predictions ``pred_rows``."""
+    n_given, n_pred = sig.g_image.size, pred_rows.size
+    nan = np.full(n_pred, np.nan, dtype=np.float32)
+    f32 = lambda *parts: np.concatenate([np.asarray(x, dtype=np.float32) for x in parts])  # noqa: E731
     claim = sig.claim
-    best = np.concatenate([_take(sig.p_box, claim, np.nan), sig.p_box[pred_rows]])[order]
-    best_score = np.concatenate([_take(sig.p_score, claim, np.nan), sig.p_score[pred_rows]])[order]
-    best_class = np.concatenate([_take(sig.p_class, claim, -1), sig.p_class[pred_rows]])[order]
-    boxes = np.concatenate([sig.g_box, sig.p_box[pred_rows]])[order]
-    cls = np.concatenate([sig.g_class, sig.p_class[pred_rows]])[order]
-    ann = np.concatenate([dataset.ann_ids[sig.g_row], np.zeros(pred_rows.size, np.int64)])[order]
-    suggested = np.concatenate([sig.suggested_class, sig.p_class[pred_rows]])[order]
+    best = np.concatenate([_take(sig.p_box, claim, np.nan), sig.p_box[pred_rows]]).astype(np.float32)
+    boxes = np.concatenate([sig.g_box, sig.p_box[pred_rows]]).astype(np.float32)
+    cls = np.concatenate([sig.g_class, sig.p_class[pred_rows]])
+    is_pred = np.r_[np.zeros(n_given, np.int8), np.ones(n_pred, np.int8)]
     columns = {
-        "rank": np.arange(1, order.size + 1, dtype=np.int32), "image_index": image,
-        "image_id": dataset.image_ids[image], "fold": np.asarray(fold_of_image)[image].astype(np.int32),
-        "source": pa.DictionaryArray.from_arrays(pa.array((~is_given).astype(np.int8)),
-                                                 pa.array(["given", "predicted"])).cast(pa.string()),
-        "annotation_id": pa.array(ann, mask=~is_given),
-        "class_index": cls.astype(np.int32), "category_id": dataset.category_ids[cls],
+        "rank": np.zeros(image.size, np.int32), "image_index": image,
+        "image_id": dataset.image_ids[image], "fold": np.asarray(fold_of_image)[image],
+        "source": _strings(is_pred, ("given", "predicted")),
+        "annotation_id": pa.array(np.r_[dataset.ann_ids[sig.g_row], np.zeros(n_pred, np.int64)],
+                                  mask=is_pred.astype(bool)),
+        "class_index": cls, "category_id": dataset.category_ids[cls],
         **{c: boxes[:, j] for j, c in enumerate(("x1", "y1", "x2", "y2"))},
-        "kind": pa.DictionaryArray.from_arrays(pa.array(kind[order].astype(np.int8)),
-                                               pa.array(list(BOX_KINDS))).cast(pa.string()),
-        "named": named[order], "score": score[order], "signal_rank": key[order],
-        "swap_signal": np.r_[sig.swapped, nan(pred_rows.size)][order],
-        "shift_signal": np.r_[sig.badly_located, nan(pred_rows.size)][order],
-        "spurious_signal": np.r_[sig.spurious, nan(pred_rows.size)][order],
-        "overlooked_signal": np.r_[nan(n_given), sig.overlooked[pred_rows]][order],
-        "suggested_class_index": suggested.astype(np.int32),
+        "kind": _strings(kind.astype(np.int8), BOX_KINDS), "named": named, "score": score,
+        "signal_rank": key,
+        "swap_signal": f32(sig.swapped, nan), "shift_signal": f32(sig.badly_located, nan),
+        "spurious_signal": f32(sig.spurious, nan),
+        "overlooked_signal": f32(np.full(n_given, np.nan), sig.overlooked[pred_rows]),
+        "suggested_class_index": np.concatenate([sig.suggested_class, sig.p_class[pred_rows]]),
         **{c: best[:, j] for j, c in enumerate(("best_x1", "best_y1", "best_x2", "best_y2"))},
-        "best_score": best_score, "best_class_index": best_class.astype(np.int32),
+        "best_score": f32(_take(sig.p_score, claim, np.nan), sig.p_score[pred_rows]),
+        "best_class_index": np.concatenate([_take(sig.p_class, claim, -1), sig.p_class[pred_rows]]),
     }
     for t in _HEAD_TERMS:
-        columns[t] = np.r_[sig.terms.get(t, nan(n_given)), nan(pred_rows.size)][order]
+        columns[t] = f32(sig.terms.get(t, np.full(n_given, np.nan)), nan)
     arrays = [columns[f.name] if isinstance(columns[f.name], pa.Array)
-              else pa.array(columns[f.name], type=f.type, from_pandas=True)
+              else pa.array(columns[f.name], from_pandas=True).cast(f.type)
               for f in BOX_ISSUE_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=BOX_ISSUE_SCHEMA)
+
+
+def _strings(codes: np.ndarray, names: tuple[str, ...]) -> pa.Array:
+    """Dictionary-encoded strings (one byte a row in memory and in Parquet)."""
+    return pa.DictionaryArray.from_arrays(pa.array(codes, type=pa.int8()), pa.array(list(names)))
 
 
 def _take(values: np.ndarray, index: np.ndarray, fill) -> np.ndarray:
@@ -229,53 +238,66 @@ def write_box_issues(folder: str | os.PathLike[str], table: pa.Table) -> Path:
 
 
 # ---- per image: the boxes concerned, for a person to look at --------------------------------------
-#: At most this many boxes per image in label_issues' ``boxes`` (its worst rows).
-RECORDS_PER_IMAGE = 10
+#: At most this many boxes per image in label_issues' ``boxes``: its worst row, then its other
+#: named rows, worst first.
+RECORDS_PER_IMAGE = 5
 
 
-def image_records(table: pa.Table, num_images: int, class_names: list[str]) -> list[list[dict]]:
-    """Per image: JSON-ready records of its worst row and of its other named rows (up to
-    `RECORDS_PER_IMAGE`), worst first (see `_record`)."""
+def image_records(table: pa.Table, num_images: int, class_names: list[str]) -> list[str]:
+    """Per image: the JSON list of its worst row and its other named rows (up to
+    `RECORDS_PER_IMAGE`), worst first (see `_records`)."""
+    import json
+
     image = table.column("image_index").to_numpy()
     named = table.column("named").to_numpy(zero_copy_only=False)
-    first = np.zeros(image.size, dtype=bool)
-    seen = np.full(num_images, -1, np.int64)
-    seen[image[::-1]] = np.arange(image.size)[::-1]
-    first[seen[seen >= 0]] = True
-    chosen = np.flatnonzero(named | first)
+    first = np.full(num_images, -1, np.int64)
+    first[image[::-1]] = np.arange(image.size)[::-1]
+    pick = named.copy()
+    pick[first[first >= 0]] = True
+    chosen = np.flatnonzero(pick)
     chosen = chosen[np.argsort(image[chosen], kind="stable")]  # by image, each worst first
-    starts = np.searchsorted(image[chosen], np.arange(num_images + 1))
-    keep = np.concatenate([chosen[starts[i]:min(starts[i + 1], starts[i] + RECORDS_PER_IMAGE)]
-                           for i in range(num_images)] or [np.zeros(0, np.int64)])
-    rows = table.take(pa.array(keep)).to_pydict()
+    within = np.arange(chosen.size) - np.searchsorted(image[chosen], image[chosen])
+    chosen = chosen[within < RECORDS_PER_IMAGE]
     out: list[list[dict]] = [[] for _ in range(num_images)]
-    for j in range(len(keep)):
-        out[rows["image_index"][j]].append(_record({k: v[j] for k, v in rows.items()}, class_names))
-    return out
+    for owner, record in zip(image[chosen].tolist(), _records(table.take(pa.array(chosen)), class_names)):
+        out[owner].append(record)
+    return [json.dumps(r, separators=(",", ":")) for r in out]
 
 
-def _record(row: dict, names: list[str]) -> dict:
-    """One box, JSON-ready. Given: ``{"kind", "source": "given", "annotation_id", "bbox",
-    "class", "class_index", "box_score", "named", "predicted": {"bbox", "class", "class_index",
-    "score"} or null (the model's best box for it), "suggested": {"class", "class_index"} or
-    null, and the head's terms the run has}``. Overlooked: ``{"kind", "source": "predicted",
-    "bbox", "class", "class_index", "score", "box_score", "named"}``."""
-    r = lambda v: None if v is None or v != v else round(float(v), 6)  # noqa: E731
-    box = [round(float(row[c]), 2) for c in ("x1", "y1", "x2", "y2")]
-    c = int(row["class_index"])
-    out = {"kind": row["kind"], "source": row["source"], "bbox": box, "class": names[c],
-           "class_index": c}
-    if row["source"] == "predicted":
-        return {**out, "score": r(row["best_score"]), "box_score": r(row["score"]),
-                "named": bool(row["named"])}
-    predicted = None
-    if row["best_x1"] is not None and row["best_x1"] == row["best_x1"]:
-        b = int(row["best_class_index"])
-        predicted = {"bbox": [round(float(row[f"best_{c}"]), 2) for c in ("x1", "y1", "x2", "y2")],
-                     "class": names[b], "class_index": b, "score": r(row["best_score"])}
-    s = int(row["suggested_class_index"])
-    out = {**out, "annotation_id": int(row["annotation_id"]), "box_score": r(row["score"]),
-           "named": bool(row["named"]), "predicted": predicted,
-           "suggested": {"class": names[s], "class_index": s} if s >= 0 else None}
-    out.update({t: r(row[t]) for t in _HEAD_TERMS if row[t] is not None and row[t] == row[t]})
+def _records(rows: pa.Table, names: list[str]) -> list[dict]:
+    """JSON-ready records of ``rows``. Given: ``{"kind", "source": "given", "annotation_id",
+    "bbox", "class", "class_index", "box_score", "named", "predicted": {"bbox", "class",
+    "class_index", "score"} or null (the model's best box for it), "suggested": {"class",
+    "class_index"} or null, and the head's terms the run has}``. Overlooked: ``{"kind",
+    "source": "predicted", "bbox", "class", "class_index", "score", "box_score", "named"}``."""
+    def col(name: str, digits: int | None = None) -> list:
+        a = rows.column(name)
+        if digits is None:
+            return a.to_pylist()
+        v = np.round(a.to_numpy(zero_copy_only=False).astype(np.float64), digits)
+        return [None if x != x else x for x in v.tolist()]
+
+    box = np.round(np.stack([rows.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)
+                   .astype(np.float64), 2).tolist()
+    best = np.round(np.stack([rows.column(f"best_{c}").to_numpy(zero_copy_only=False)
+                              for c in ("x1", "y1", "x2", "y2")], axis=1).astype(np.float64), 2).tolist() \
+        if rows.num_rows else []
+    kind, source, cls, ann = col("kind"), col("source"), col("class_index"), col("annotation_id")
+    score, best_score, named = col("score", 6), col("best_score", 6), col("named")
+    best_cls, suggested = col("best_class_index"), col("suggested_class_index")
+    terms = {t: col(t, 6) for t in _HEAD_TERMS}
+    out = []
+    for j in range(rows.num_rows):
+        c = cls[j]
+        r = {"kind": kind[j], "source": source[j], "bbox": box[j], "class": names[c], "class_index": c}
+        if source[j] == "predicted":
+            r.update(score=best_score[j], box_score=score[j], named=named[j])
+        else:
+            b, sc = best_cls[j], suggested[j]
+            r.update(annotation_id=ann[j], box_score=score[j], named=named[j],
+                     predicted=None if b < 0 else {"bbox": best[j], "class": names[b],
+                                                   "class_index": b, "score": best_score[j]},
+                     suggested=None if sc < 0 else {"class": names[sc], "class_index": sc})
+            r.update({t: v[j] for t, v in terms.items() if v[j] is not None})
+        out.append(r)
     return out

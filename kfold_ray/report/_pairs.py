@@ -98,20 +98,21 @@ class PairChunk:
 def pair_chunks(flat: FlatBoxes, max_pairs: int = MAX_PAIRS) -> Iterator[PairChunk]:
     """Every (given, prediction) pair of each image, in chunks of whole images."""
     n_g, n_p = np.diff(flat.g_start), np.diff(flat.p_start)
+    per_given = n_p[flat.g_image]  # pairs of each given box: its image's predictions
     for lo, hi in _chunks(n_g * n_p, max_pairs):
-        ng, npred = n_g[lo:hi], n_p[lo:hi]
-        per = ng * npred
-        total = int(per.sum())
+        g0, g1 = int(flat.g_start[lo]), int(flat.g_start[hi])
+        counts = per_given[g0:g1]
+        total = int(counts.sum())
         if not total:
             continue
-        owner = np.repeat(np.arange(per.size), per)
-        k = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
-        width = npred[owner]
-        g = flat.g_start[lo:hi][owner] + k // width
-        p = flat.p_start[lo:hi][owner] + k % width
-        del owner, k, width
-        seg = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-        yield PairChunk(g=g, p=p, iou=pair_iou(flat.g_box[g], flat.p_box[p]), seg=seg, seg_g=g[seg])
+        seg = np.cumsum(counts) - counts  # where each given box's pairs start
+        has = counts > 0
+        seg_g = np.arange(g0, g1)[has]
+        g = np.repeat(np.arange(g0, g1), counts)
+        # A given box's pairs are its image's predictions in order: p = first + position.
+        p = np.arange(total, dtype=np.int64) + np.repeat(flat.p_start[flat.g_image[g0:g1]] - seg, counts)
+        box = np.repeat(flat.g_box[g0:g1], counts, axis=0)
+        yield PairChunk(g=g, p=p, iou=pair_iou(box, flat.p_box[p]), seg=seg[has], seg_g=seg_g)
 
 
 @dataclass

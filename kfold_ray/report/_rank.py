@@ -53,7 +53,6 @@ Columns of ``label_issues.parquet`` / ``.csv`` (`LABEL_ISSUE_COLUMNS`), one row 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -225,8 +224,7 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
     _note_missing(box_losses, terms)
     box_table, worst = rank_boxes(dataset, box_signals(flat, stats, terms), fold_of_image)
     signals["box_score"] = worst.score if box_losses is not None else np.full(dataset.num_images, np.nan)
-    boxes = [json.dumps(r, separators=(",", ":"))
-             for r in image_records(box_table, dataset.num_images, dataset.class_names)]
+    boxes = image_records(box_table, dataset.num_images, dataset.class_names)
     # Worst first. With the fold models' box losses, by IMAGE_ORDER_SIGNAL (it finds errors
     # where cleanlab's thresholds see nothing: benchmarks/README.md), cleanlab's quality breaking
     # ties; else by quality alone. Ties keep dataset order.

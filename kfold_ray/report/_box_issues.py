@@ -115,11 +115,10 @@ def rank_boxes(dataset: CocoDataset, sig: BoxSignals, fold_of_image: np.ndarray
     g_second = np.sort(ranks, axis=1)[:, 1] if n_given else np.zeros(0, np.int64)
     unmatched = np.flatnonzero(sig.unmatched)
     overlooked_all = sig.overlooked[unmatched]
-    p_rank = _competition_rank(overlooked_all)
     cut = np.array([min(_tukey_fence(v), NAMED_ABOVE[k]) for k, v in
                     zip(BOX_KINDS, [*values, overlooked_all])])
-    kept = p_rank <= max(n_given, dataset.num_images)
-    pred_rows, p_key, overlooked = unmatched[kept], p_rank[kept], overlooked_all[kept]
+    kept, p_key = _top_ranks(overlooked_all, max(n_given, dataset.num_images))
+    pred_rows, overlooked = unmatched[kept], overlooked_all[kept]
     key = np.concatenate([g_key, p_key])
     kind = np.concatenate([g_kind, np.full(pred_rows.size, 3, np.int64)])
     image = np.concatenate([sig.g_image, sig.p_image[pred_rows]])
@@ -208,11 +207,26 @@ def _competition_rank(values: np.ndarray) -> np.ndarray:
     """int64: 1 + the number of values strictly larger (NaN: ranked after every number)."""
     values = np.asarray(values, dtype=np.float64)
     out = np.full(values.size, values.size + 1, dtype=np.int64)
-    ok = ~np.isnan(values)
-    v = values[ok]
-    desc = -np.sort(-v)
-    out[ok] = np.searchsorted(-desc, -v, side="left") + 1
+    ok = np.flatnonzero(~np.isnan(values))
+    order = ok[np.argsort(-values[ok], kind="stable")]
+    v = values[order]
+    # Each sorted position takes the position of the first of its run of equal values.
+    starts = np.r_[True, v[1:] != v[:-1]] if v.size else np.zeros(0, bool)
+    out[order] = np.maximum.accumulate(np.where(starts, np.arange(v.size), 0)) + 1
     return out
+
+
+def _top_ranks(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, competition ranks) of the values ranking within the first ``k`` (ties at the
+    k-th value included), without sorting the rest."""
+    ok = np.flatnonzero(~np.isnan(values))
+    if ok.size > k > 0:
+        kth = np.partition(values[ok], ok.size - k)[ok.size - k]  # the k-th largest
+        ok = ok[values[ok] >= kth]
+    elif k <= 0:
+        ok = ok[:0]
+    ranks = _competition_rank(values[ok])
+    return ok, ranks
 
 
 def _tukey_fence(values: np.ndarray) -> float:

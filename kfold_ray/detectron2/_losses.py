@@ -78,7 +78,7 @@ def no_signals_warning(cfg) -> str | None:
             and heads in ("StandardROIHeads", "CascadeROIHeads", "Res5ROIHeads"):
         return None
     what = arch if arch not in ("GeneralizedRCNN", "PanopticFPN") else f"{arch} with {heads}"
-    return (f"warning: {what} has no per-box signals in kfold-ray (box_losses.parquet is not "
+    return (f"{what} has no per-box signals in kfold-ray (box_losses.parquet is not "
             "written): the report ranks its images by cleanlab's scores and its unmatched "
             "predictions only (per-box signals: Faster/Mask/Cascade R-CNN, RetinaNet)")
 

@@ -210,7 +210,8 @@ def _page(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[s
     ]
     if "in_sample" in rankings:
         parts.append(_comparison_section(run, rankings, len(suspects)))
-    parts += [_suspects_section(run, rankings, suspects, injected), "</body></html>"]
+    parts += [_boxes_section(run), _suspects_section(run, rankings, suspects, injected),
+              "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
@@ -300,6 +301,31 @@ def _comparison_section(run: FinishedRun, rankings: dict[str, pa.Table], top: in
             "the labels looks like.</p>"
             + _table(["", "out-of-fold", "in-sample"], rows)
             + f"<p>{shared} of the top {n} suspects are the same in both rankings.</p>")
+
+
+def _boxes_section(run: FinishedRun, top: int = 20) -> str:
+    """The worst boxes of the per-box ranking (box_issues.parquet), with the kind named on each."""
+    import pyarrow.parquet as pq
+
+    path = run.run_dir / "box_issues.parquet"
+    if not path.is_file():
+        return ""
+    rows = pq.read_table(path).slice(0, top).to_pylist()
+    names = run.dataset.class_names
+    files = run.dataset.file_names
+    body = []
+    for r in rows:
+        suggested = r["suggested_class_index"]
+        what = (f"given '{names[r['class_index']]}' (annotation {r['annotation_id']})"
+                if r["source"] == "given" else f"predicted '{names[r['class_index']]}' ({r['best_score']:.2f})")
+        instead = names[suggested] if r["kind"] == "swapped" and suggested >= 0 else ""
+        body.append((r["rank"], KIND_TEXT[r["kind"]] + ("" if r["named"] else " (not named)"),
+                     files[r["image_index"]], what, instead,
+                     "[" + ", ".join(f"{r[c]:.0f}" for c in ("x1", "y1", "x2", "y2")) + "]", r["score"]))
+    return (f"<h2>Top {len(rows)} boxes</h2><p>Every given box and every unmatched prediction is "
+            "ranked by the signal of its likeliest kind of error (<code>box_issues.parquet</code>); "
+            "a kind is named where its signal is evidence.</p>"
+            + _table(["rank", "kind", "image", "box", "model sees", "bbox", "score"], body))
 
 
 def _suspects_section(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[str, Any]],

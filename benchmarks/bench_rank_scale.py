@@ -99,6 +99,7 @@ def child(args: argparse.Namespace) -> None:
 
     rss_before = psutil.Process().memory_info().rss / 2**20
     extra: dict = {}
+    cpu = time.process_time()
     t = time.perf_counter()
     if args.mode == "cleanlab":
         # What the ranking called before kfold_ray/_objectlab.py: cleanlab's image scores and
@@ -126,6 +127,7 @@ def child(args: argparse.Namespace) -> None:
                                     calibrate=args.mode == "calibrated")
         extra["box_rows"] = boxes.num_rows
     seconds = time.perf_counter() - t
+    extra["cpu_seconds"] = time.process_time() - cpu  # this process's user + system time
     if args.mode in ("raw", "calibrated"):  # the files `kfold-ray report` writes, timed apart
         import tempfile
 

@@ -128,60 +128,48 @@ def per_class_ap_flat(cls: np.ndarray, score: np.ndarray, best: np.ndarray, labe
     """`per_class_ap` from flat arrays over all predictions: class, score, IoU of its best given
     box of its class (< 0: none) and that box's global index; ``num_gts`` given boxes per class.
 
-    The same floating-point steps as cleanlab's ``_calculate_average_precision`` per class, the
-    long ones (cumulative counts, precision, its envelope) done for all classes at once."""
+    The matching runs once for all classes; then each class's true positives in score order go
+    through cleanlab's own arithmetic (`_average_precision`), one class at a time (bounded memory).
+    """
     # Per class, predictions by descending score (cleanlab sorts each class's predictions so).
     order = np.argsort(-score, kind="stable")
     # A stable sort of small integers is a radix sort in numpy: cheap next to the scores' sort.
     small = np.int16 if num_classes < 2**15 else np.int64
     order = order[np.argsort(cls[order].astype(small), kind="stable")]
-    n = order.size
     starts = np.searchsorted(cls[order], np.arange(num_classes + 1))
-    seg = np.repeat(np.arange(num_classes), np.diff(starts))
-    position = np.arange(n) - starts[seg]
-    inverse = np.empty(n, np.int64)
-    inverse[order] = np.arange(n)
+    inverse = np.empty(order.size, np.int32 if order.size < 2**31 else np.int64)
+    inverse[order] = np.arange(order.size)
+    del order
     eligible = np.flatnonzero(best >= IOU_THRESHOLDS[0])
     by_box = eligible[np.lexsort((-score[eligible], label[eligible]))]
     aps = np.zeros((len(IOU_THRESHOLDS), num_classes), dtype=np.float32)
     for t, iou in enumerate(IOU_THRESHOLDS):
+        # cleanlab's greedy match (per image, by descending score, a prediction takes its best
+        # same-class box if IoU >= iou and no earlier one took it) is the first prediction, by
+        # descending score, of those whose best box is that box.
         matched = by_box[best[by_box] >= iou]
         first = matched[np.r_[True, label[matched][1:] != label[matched][:-1]]] if matched.size else matched
-        tp = np.zeros(n)
-        tp[inverse[first]] = 1.0  # true positives in class-sorted order
-        cum = np.cumsum(tp)
-        true_pos = (cum - np.r_[0.0, cum][starts[:-1]][seg]).astype(np.float32)  # within its class
-        precision = true_pos / np.maximum((position + 1).astype(np.float32), np.finfo(np.float32).eps)
-        envelope = _segment_reverse_cummax(precision.astype(np.float64), seg)
-        hits = np.flatnonzero(tp)
+        hits = np.sort(inverse[first])  # the true positives' places in class-sorted order
+        bounds = np.searchsorted(hits, starts)
         for c in range(num_classes):
-            mine = hits[(hits >= starts[c]) & (hits < starts[c + 1])]
-            aps[t, c] = _average_precision_at(true_pos[mine], envelope[mine], num_gts[c],
-                                              true_pos[starts[c + 1] - 1] if starts[c + 1] > starts[c] else None)
+            tp = np.zeros(int(starts[c + 1] - starts[c]), dtype=np.float32)
+            tp[hits[bounds[c]:bounds[c + 1]] - starts[c]] = 1.0
+            aps[t, c] = _average_precision(tp, num_gts[c])
     return aps.mean(axis=0).astype(np.float64)
 
 
-def _segment_reverse_cummax(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
-    """Per run of equal ``seg`` (sorted ascending), the running max from the run's end. Values
-    lie in [0, 1]: offsetting each run by twice its order keeps maxima from crossing runs."""
-    if not values.size:
-        return values
-    offset = 2.0 * (seg[-1] - seg[::-1])  # increasing along the reversed array
-    return (np.maximum.accumulate(values[::-1] + offset) - offset)[::-1]
-
-
-def _average_precision_at(true_pos: np.ndarray, envelope: np.ndarray, num_gts: int,
-                          last_true_pos) -> np.float32:
-    """cleanlab's ``_calculate_average_precision`` of one class from its true positives (their
-    running counts and the precision envelope there): recall steps only happen at them, plus a
-    last step to recall 1 (at precision 0) unless recall reached 1."""
+def _average_precision(tp: np.ndarray, num_gts: int) -> np.float32:
+    """cleanlab's ``_calculate_average_precision`` of one class's predictions (descending score)."""
+    true_pos = np.cumsum(tp, dtype=np.float32)
+    false_pos = np.cumsum(1.0 - tp, dtype=np.float32)
     eps = np.finfo(np.float32).eps
     recall = true_pos / np.maximum(np.array([num_gts]), eps)
-    last = 0.0 if last_true_pos is None else (np.float32(last_true_pos) / np.maximum(np.array([num_gts]), eps))[0]
-    steps = np.diff(np.r_[0.0, recall]) * envelope
-    if last != 1.0:
-        steps = np.r_[steps, (1.0 - last) * 0.0]
-    return np.float32(np.sum(steps))
+    precision = true_pos / np.maximum(true_pos + false_pos, eps)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # the precision envelope
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return np.float32(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
 def _best_same_class_label(aux: list[dict[str, Any]]):

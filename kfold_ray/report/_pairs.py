@@ -65,16 +65,18 @@ def flatten(dataset: CocoDataset, predictions: pa.Table) -> FlatBoxes:
         raise ValueError(f"class_index outside [0, {dataset.num_classes}) in the prediction table")
     order = np.argsort(img * max(dataset.num_classes, 1) + cls, kind="stable")
     p_image = img[order]
-    p_box = np.empty((order.size, 4), dtype=np.float64)
+    # float32, as cleanlab reads them from its predictions (exact in float64 when a chunk needs it)
+    p_box = np.empty((order.size, 4), dtype=np.float32)
     for j, c in enumerate(("x1", "y1", "x2", "y2")):
         p_box[:, j] = col(c, np.float32)[order]
-    # Scores as cleanlab reads them from its float32 predictions.
     p_score = col("score", np.float32)[order].astype(np.float64)
+    small = np.int32 if max(order.size, dataset.num_classes) < 2**31 else np.int64
     return FlatBoxes(
         num_images=n, g_image=g_image, g_row=g_row,
         g_class=np.asarray(dataset.classes, dtype=np.int64)[g_row],
         g_box=np.asarray(dataset.boxes, dtype=np.float32)[g_row].astype(np.float64),
-        p_image=p_image, p_class=cls[order], p_box=p_box, p_score=p_score, p_table_row=order,
+        p_image=p_image, p_class=cls[order].astype(small), p_box=p_box, p_score=p_score,
+        p_table_row=order.astype(small),
         g_start=np.searchsorted(g_image, np.arange(n + 1)),
         p_start=np.searchsorted(p_image, np.arange(n + 1)))
 
@@ -82,10 +84,13 @@ def flatten(dataset: CocoDataset, predictions: pa.Table) -> FlatBoxes:
 @dataclass
 class PairChunk:
     """The pairs of images [lo, hi): given ``g`` and prediction ``p`` (global indices), their
-    ``iou``; ``seg`` the position where each given box's pairs start, ``seg_g`` that box."""
+    boxes (float64 (n, 4)) and ``iou``; ``seg`` the position where each given box's pairs
+    start, ``seg_g`` that box."""
 
     g: np.ndarray
     p: np.ndarray
+    g_box: np.ndarray
+    p_box: np.ndarray
     iou: np.ndarray
     seg: np.ndarray
     seg_g: np.ndarray
@@ -111,8 +116,10 @@ def pair_chunks(flat: FlatBoxes, max_pairs: int = MAX_PAIRS) -> Iterator[PairChu
         g = np.repeat(np.arange(g0, g1), counts)
         # A given box's pairs are its image's predictions in order: p = first + position.
         p = np.arange(total, dtype=np.int64) + np.repeat(flat.p_start[flat.g_image[g0:g1]] - seg, counts)
-        box = np.repeat(flat.g_box[g0:g1], counts, axis=0)
-        yield PairChunk(g=g, p=p, iou=pair_iou(box, flat.p_box[p]), seg=seg[has], seg_g=seg_g)
+        g_box = np.repeat(flat.g_box[g0:g1], counts, axis=0)
+        p_box = flat.p_box[p].astype(np.float64)
+        yield PairChunk(g=g, p=p, g_box=g_box, p_box=p_box, iou=pair_iou(g_box, p_box),
+                        seg=seg[has], seg_g=seg_g)
 
 
 @dataclass

@@ -60,16 +60,15 @@ def pair_stats(flat: FlatBoxes, probs: np.ndarray) -> PairStats:
 
     G, P = flat.g_image.size, flat.p_image.size
     ninf = lambda n: np.full(n, -np.inf)  # noqa: E731
-    s = PairStats(best_iou=np.zeros(P), near_same=ninf(P), best_same_iou=np.full(P, -1.0),
-                  best_same_label=np.zeros(P, np.int64), close_other=ninf(G), near_conf=ninf(G),
+    s = PairStats(best_iou=np.zeros(P, np.float32), near_same=ninf(P), best_same_iou=np.full(P, -1.0),
+                  best_same_label=np.zeros(P, np.int64 if G >= 2**31 else np.int32), close_other=ninf(G), near_conf=ninf(G),
                   conflict=np.zeros(G, bool), claim=np.full(G, -1, np.int64), claim_iou=np.zeros(G),
                   cover_same=np.zeros(G), cover_other=np.zeros(G),
                   cover_other_class=np.full(G, -1, np.int64), floor=1.0)
-    g_centre = (flat.g_box[:, :2] + flat.g_box[:, 2:]) / 2
-    p_centre = (flat.p_box[:, :2] + flat.p_box[:, 2:]) / 2
     for c in pair_chunks(flat):
         g, p, iou = c.g, c.p, c.iou
-        d = g_centre[g] - p_centre[p]
+        # centre distance as cleanlab computes it (float64 centres of each box)
+        d = (c.g_box[:, :2] + c.g_box[:, 2:]) / 2 - (c.p_box[:, :2] + c.p_box[:, 2:]) / 2
         sim = iou * ALPHA + (1 - ALPHA) * np.exp(-np.sqrt(d[:, 0] ** 2 + d[:, 1] ** 2) * EUC_FACTOR)
         del d
         nonzero = sim[sim != 0]
@@ -78,7 +77,7 @@ def pair_stats(flat: FlatBoxes, probs: np.ndarray) -> PairStats:
         same = flat.g_class[g] == flat.p_class[p]
         prob = probs[p]
         # per prediction
-        np.maximum.at(s.best_iou, p, iou)
+        np.maximum.at(s.best_iou, p, iou.astype(np.float32))
         np.maximum.at(s.near_same, p[same], sim[same])
         _best_same(s, g[same], p[same], iou[same])
         # per given box (its pairs are contiguous)
@@ -96,13 +95,16 @@ def pair_stats(flat: FlatBoxes, probs: np.ndarray) -> PairStats:
 def _best_same(s: PairStats, g: np.ndarray, p: np.ndarray, iou: np.ndarray) -> None:
     """Per prediction: its largest IoU with a given box of its class, and the first (lowest
     index) such box, as cleanlab's argmax picks it."""
+    if not p.size:
+        return
     np.maximum.at(s.best_same_iou, p, iou)
     at_best = iou == s.best_same_iou[p]
-    first = np.full(s.best_same_iou.size, np.iinfo(np.int64).max)
-    np.minimum.at(first, p[at_best], g[at_best])
-    found = first != np.iinfo(np.int64).max
-    # A later chunk never holds the same prediction: each image lies in one chunk.
-    s.best_same_label[found] = first[found]
+    # Each image lies in one chunk: its predictions are a range, and no other chunk has them.
+    lo, none = int(p.min()), np.iinfo(np.int64).max
+    first = np.full(int(p.max()) - lo + 1, none)
+    np.minimum.at(first, p[at_best] - lo, g[at_best])
+    found = np.flatnonzero(first != none)
+    s.best_same_label[lo + found] = first[found]
 
 
 def _claims(s: PairStats, c, raw: np.ndarray, same: np.ndarray, p_class: np.ndarray) -> None:

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny")
     p.add_argument("--max-iter", type=int, default=150, help="default: the example's budget")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="more Detectron2 overrides")
+    p.add_argument("--cpus-per-fold", type=float, default=None,
+                   help="as for kfold-ray run (0.5 on 2 cores: every fold of k=3 at once)")
     p.add_argument("--score-only", action="store_true", help="score the finished run in --out")
     p.add_argument("--train-only", action="store_true", help="train (or resume), score later")
     p.add_argument("--exclude-negatives", type=Path, default=None,
@@ -107,6 +109,7 @@ def _train(args, annotations: Path, image_root: Path, run_dir: Path) -> None:
 
     run_cv(annotations, args.k, image_root=image_root, model=args.model,
            overrides=[*example_overrides(args.max_iter), *args.opts], gpus_per_fold=0.0,
+           cpus_per_fold=args.cpus_per_fold,
            run_dir=run_dir, address="local", resume=(run_dir / "run.json").is_file(),
            progress=sys.stderr.isatty())
     ray.shutdown()

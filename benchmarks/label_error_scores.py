@@ -126,6 +126,41 @@ def score_boxes(boxes, records: list[dict], *, exclude_images: set[int], reps: i
     top = boxes.index[:n_pos]
     out["precision_at_n"] = {"n": n_pos, "precision": float(np.mean([i in hits for i in top])) if n_pos else None}
     out["confusion"] = _box_confusion(boxes, pos["rows"])
+    out["signals"] = _candidate_signals(boxes, pos["rows"], neg_given)
+    return out
+
+
+def _candidate_signals(boxes, rows: dict[str, list], negatives: list) -> dict[str, dict[str, float]]:
+    """Per kind of given-box error, the per-box AUROC of each candidate signal (higher = more
+    likely wrong) the box table can give: how the default signals were chosen (on one seed)."""
+    b = boxes
+    given = np.stack([b[c].to_numpy(float) for c in ("x1", "y1", "x2", "y2")], axis=1)
+    best = np.stack([b[f"best_{c}"].to_numpy(float) for c in ("x1", "y1", "x2", "y2")], axis=1)
+    lt, rb = np.maximum(given[:, :2], best[:, :2]), np.minimum(given[:, 2:], best[:, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=1)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    claim_iou = np.nan_to_num(inter / (area(given) + area(best) - inter), nan=0.0)
+    p_given, p_other = b["p_given"].to_numpy(float), b["p_other"].to_numpy(float)
+    eps = 1e-6
+    candidates = {
+        "flip": {"p_other - p_given": p_other - p_given,
+                 "log p_other - log p_given": np.log(p_other + eps) - np.log(p_given + eps),
+                 "1 - p_given": 1 - p_given, "loss_cls": b["loss_cls"].to_numpy(float),
+                 "loss_cls + loss_box_reg": (b["loss_cls"] + b["loss_box_reg"]).to_numpy(float)},
+        "shift": {"1 - refined_iou": 1 - b["refined_iou"].to_numpy(float),
+                  "1 - IoU with its best box": 1 - claim_iou,
+                  "loss_box_reg": b["loss_box_reg"].to_numpy(float),
+                  "loss_cls + loss_box_reg": (b["loss_cls"] + b["loss_box_reg"]).to_numpy(float)},
+        "spawn": {"p_background": b["p_background"].to_numpy(float),
+                  "1 - p_given": 1 - p_given,
+                  "1 - best box IoU x score": 1 - claim_iou * np.nan_to_num(b["best_score"].to_numpy(float)),
+                  "loss_cls + loss_box_reg": (b["loss_cls"] + b["loss_box_reg"]).to_numpy(float)},
+    }
+    out = {}
+    for kind, signals in candidates.items():
+        idx = [i for i in rows[kind] if i is not None]
+        out[kind] = {name: auroc(np.nan_to_num(v[idx], nan=-1e9), np.nan_to_num(v[negatives], nan=-1e9))
+                     for name, v in signals.items()}
     return out
 
 
@@ -244,6 +279,9 @@ def _print(r: dict[str, Any]) -> None:
     print("\nconfusion per box (injected -> named):")
     for k, row in b["confusion"].items():
         print(f"  {k:6} " + ", ".join(f"{n} {c}" for n, c in row.items() if c))
+    print("candidate per-box signals (AUROC against every uncorrupted given box):")
+    for k, row in b["signals"].items():
+        print(f"  {k:6} " + ", ".join(f"{n} {_fmt(v)}" for n, v in row.items()))
     print("confusion per image, single-error images (injected -> named):")
     for k, row in im["confusion_single"].items():
         print(f"  {k:6} " + ", ".join(f"{n} {c}" for n, c in row.items() if c))

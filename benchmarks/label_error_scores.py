@@ -143,15 +143,17 @@ def _candidate_signals(boxes, rows: dict[str, list], negatives: list) -> dict[st
     p_given, p_other = b["p_given"].to_numpy(float), b["p_other"].to_numpy(float)
     eps = 1e-6
     candidates = {
-        "flip": {"p_other - p_given": p_other - p_given,
+        "flip": {"(1 - p_given - p_background) - p_given (default)":
+                 1 - b["p_background"].to_numpy(float) - 2 * p_given,
+                 "p_other - p_given": p_other - p_given,
                  "log p_other - log p_given": np.log(p_other + eps) - np.log(p_given + eps),
                  "1 - p_given": 1 - p_given, "loss_cls": b["loss_cls"].to_numpy(float),
                  "loss_cls + loss_box_reg": (b["loss_cls"] + b["loss_box_reg"]).to_numpy(float)},
-        "shift": {"1 - refined_iou": 1 - b["refined_iou"].to_numpy(float),
+        "shift": {"1 - refined_iou (default)": 1 - b["refined_iou"].to_numpy(float),
                   "1 - IoU with its best box": 1 - claim_iou,
                   "loss_box_reg": b["loss_box_reg"].to_numpy(float),
                   "loss_cls + loss_box_reg": (b["loss_cls"] + b["loss_box_reg"]).to_numpy(float)},
-        "spawn": {"p_background": b["p_background"].to_numpy(float),
+        "spawn": {"p_background (default)": b["p_background"].to_numpy(float),
                   "1 - p_given": 1 - p_given,
                   "1 - best box IoU x score": 1 - claim_iou * np.nan_to_num(b["best_score"].to_numpy(float)),
                   "loss_cls + loss_box_reg": (b["loss_cls"] + b["loss_box_reg"]).to_numpy(float)},

@@ -89,22 +89,22 @@ BOX_ISSUE_COLUMNS: tuple[str, ...] = tuple(BOX_ISSUE_SCHEMA.names)
 
 @dataclass
 class ImageWorst:
-    """Per image (N,): its worst row's ``score`` (0: no row), ``kind`` ("" when not named), and
-    the rows of the table (positions) that belong to it, worst first (``rows_of[i]``)."""
+    """Per image (N,): ``score`` in [0, 1] (0: no box, no unmatched prediction), its likeliest
+    ``kind`` ("" when it has neither), and whether that kind is ``named`` (evidence)."""
 
     score: np.ndarray
     kind: list[str]
-    first_row: np.ndarray
-    row_image: np.ndarray
+    named: np.ndarray
 
 
 def rank_boxes(dataset: CocoDataset, sig: BoxSignals, fold_of_image: np.ndarray
                ) -> tuple[pa.Table, ImageWorst]:
-    """The per-box table (`BOX_ISSUE_SCHEMA`, worst first) and each image's worst row.
+    """The per-box table (`BOX_ISSUE_SCHEMA`, worst first) and the per-image scores and kinds
+    (`image_kinds`).
 
     Unmatched predictions that rank below the first max(given boxes, images) of their kind are
-    left out: they would rank after every given box (whose ranks are at most that), and at
-    COCO scale they are millions of low-score detections.
+    left out of the table: they would rank after every given box (whose ranks are at most that),
+    and at COCO scale they are millions of low-score detections.
     """
     n_given = sig.g_image.size
     values = [getattr(sig, k) for k in _GIVEN_KINDS]
@@ -115,23 +115,71 @@ def rank_boxes(dataset: CocoDataset, sig: BoxSignals, fold_of_image: np.ndarray
     g_second = np.sort(ranks, axis=1)[:, 1] if n_given else np.zeros(0, np.int64)
     unmatched = np.flatnonzero(sig.unmatched)
     overlooked_all = sig.overlooked[unmatched]
-    cut = np.array([min(_tukey_fence(v), NAMED_ABOVE[k]) for k, v in
-                    zip(BOX_KINDS, [*values, overlooked_all])])
+    given_named = np.stack([_evidence(k, v, sig) for k, v in zip(_GIVEN_KINDS, values)], axis=1) \
+        if n_given else np.zeros((0, 3), bool)
+    unmatched_named = _evidence("overlooked", overlooked_all, sig)
     kept, p_key = _top_ranks(overlooked_all, max(n_given, dataset.num_images))
-    pred_rows, overlooked = unmatched[kept], overlooked_all[kept]
+    pred_rows = unmatched[kept]
     key = np.concatenate([g_key, p_key])
     kind = np.concatenate([g_kind, np.full(pred_rows.size, 3, np.int64)])
     image = np.concatenate([sig.g_image, sig.p_image[pred_rows]])
     second = np.concatenate([g_second, np.full(pred_rows.size, np.iinfo(np.int64).max)])
     order = np.lexsort((image, second, key))
-    value = np.concatenate([np.choose(g_kind, values) if n_given else np.zeros(0), overlooked])
-    named = value > cut[kind]
+    named = np.concatenate([given_named[np.arange(n_given), g_kind], unmatched_named[kept]])
     score = 1.0 - (key - 1) / max(key.size, 1)
     table = _table(dataset, sig, fold_of_image, pred_rows, image, kind, named, score, key)
     table = table.take(pa.array(order))
     table = table.set_column(0, "rank", pa.array(np.arange(1, order.size + 1, dtype=np.int32)))
-    return table, _per_image(dataset.num_images, image[order], score[order], kind[order],
-                             named[order])
+    per_image = image_kinds(dataset.num_images, sig, values, given_named, unmatched,
+                            overlooked_all, unmatched_named)
+    return table, per_image
+
+
+def _evidence(kind: str, values: np.ndarray, sig: BoxSignals) -> np.ndarray:
+    """bool: the signal of ``kind`` is an outlier of its population (Tukey's fence) or past the
+    point where the model's own outputs decide it (`NAMED_ABOVE`; a swap: another class beats
+    the given one)."""
+    outlier = values > _tukey_fence(values)
+    if kind == "swapped":
+        return outlier | sig.swap_evidence
+    return outlier | (values > NAMED_ABOVE[kind])
+
+
+def image_kinds(num_images: int, sig: BoxSignals, values: list[np.ndarray], given_named: np.ndarray,
+                unmatched: np.ndarray, overlooked: np.ndarray, unmatched_named: np.ndarray
+                ) -> ImageWorst:
+    """Per image and kind, its worst box of that kind (largest signal) as a rank fraction over
+    the images (no weights, as `combined_score` does with two signals); the
+    image's score is the largest of the four, its kind the one that gives it (the same kinds'
+    order breaks ties), named when a box of that kind in the image is.
+
+    Chosen on the digits benchmark (seed 0; benchmarks/README.md) over the images' best row of
+    the per-box ranking: that one lets an image's given boxes compete with its unmatched
+    predictions three lists to one."""
+    from scipy.stats import rankdata
+
+    fractions = np.zeros((4, num_images))
+    named = np.zeros((4, num_images), dtype=bool)
+    owners = [sig.g_image] * 3 + [sig.p_image[unmatched]]
+    signals = [*values, overlooked]
+    flags = [given_named[:, 0], given_named[:, 1], given_named[:, 2], unmatched_named]
+    for k, (owner, v, flag) in enumerate(zip(owners, signals, flags)):
+        ok = ~np.isnan(v)
+        worst = np.full(num_images, -np.inf)
+        np.maximum.at(worst, owner[ok], v[ok])
+        has = np.isfinite(worst)
+        # Ranked among all the images, those without a box of the kind below every other (and
+        # at 0 themselves): having one at all is part of the evidence.
+        fractions[k, has] = (rankdata(worst)[has] - 1) / max(num_images - 1, 1)
+        np.logical_or.at(named[k], owner[ok], flag[ok])
+    kind = fractions.argmax(axis=0)
+    score = fractions.max(axis=0)
+    rows = np.zeros(num_images, dtype=bool)
+    for owner in (sig.g_image, sig.p_image[unmatched]):
+        rows[owner] = True
+    kinds = [BOX_KINDS[k] if r else "" for k, r in zip(kind.tolist(), rows.tolist())]
+    return ImageWorst(score=np.where(rows, score, 0.0), kind=kinds,
+                      named=named[kind, np.arange(num_images)] & rows)
 
 
 def _table(dataset: CocoDataset, sig: BoxSignals, fold_of_image: np.ndarray, pred_rows,
@@ -183,24 +231,6 @@ def _take(values: np.ndarray, index: np.ndarray, fill) -> np.ndarray:
     ok = index >= 0
     out[ok] = values[index[ok]]
     return out
-
-
-def _per_image(num_images: int, image: np.ndarray, score: np.ndarray, kind: np.ndarray,
-               named: np.ndarray) -> ImageWorst:
-    """Each image's first (worst) row of the sorted table."""
-    first = np.full(num_images, -1, np.int64)
-    rows = np.arange(image.size)
-    # The first occurrence of each image in the sorted rows: write in reverse, the first wins.
-    first[image[::-1]] = rows[::-1]
-    has = first >= 0
-    worst = np.zeros(num_images)
-    worst[has] = score[first[has]]
-    kinds = [""] * num_images
-    for i in np.flatnonzero(has).tolist():
-        r = first[i]
-        if named[r]:
-            kinds[i] = BOX_KINDS[int(kind[r])]
-    return ImageWorst(score=worst, kind=kinds, first_row=first, row_image=image)
 
 
 def _competition_rank(values: np.ndarray) -> np.ndarray:

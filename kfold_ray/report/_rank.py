@@ -1,28 +1,19 @@
-"""Stage "report", part 1: rank the images by how likely their labels are wrong.
+"""Stage "report": rank the images by how likely their labels are wrong, and every box.
 
-cleanlab's object-detection scoring runs ONCE over the whole stitched prediction table (its
-per-class thresholds depend on the whole dataset, cleanlab #1301), never per fold, in one process
-with cleanlab's formulas (`kfold_ray.report._objectlab`: cleanlab's own functions take hours at COCO
-scale; tests check both give the same numbers):
+One pass over every (given box, prediction) pair of the stitched predictions
+(`kfold_ray.report._pairs`, `_scores`) gives cleanlab's object-detection scores, ONCE over the
+whole table (its per-class thresholds depend on the whole dataset, cleanlab #1301), with
+cleanlab's formulas (its own functions take hours at COCO scale; tests check both give the same
+numbers), and the per-box signals (`_box_signals`) of the per-box ranking (`_box_issues`):
 
     quality_score   as ``cleanlab.object_detection.rank.get_label_quality_scores`` (1 = clean)
     is_issue        as ``cleanlab.object_detection.filter.find_label_issues``
-    subtype scores  cleanlab's per-box scores (as ``rank.compute_overlooked_box_scores``,
-                    ``compute_swap_box_scores``, ``compute_badloc_box_scores``), pooled per image
-                    with ``rank.pool_box_scores_per_image``; the quality score is their weighted
+    subtype scores  cleanlab's per-box scores (overlooked, swapped, badly located), pooled per
+                    image as ``rank.pool_box_scores_per_image`` does; quality is their weighted
                     geometric mean
 
 With ``calibrate``, cleanlab scores cross-fitted per-class calibrated detection scores
-(`kfold_ray.report._calibrate`); the raw ones stay in ``boxes``. The three subtypes say which kind of
-problem is most likely, and on which boxes:
-
-    overlooked      a confident prediction (score >= 0.95) overlapping no given box: an object
-                    nobody labelled (per predicted box)
-    swapped         a given box sits where a confident prediction of another class is (per given box)
-    badly_located   a given box overlaps its best same-class prediction (score > 0.5) only a little
-                    (per given box)
-
-When the run has box losses, the kind comes from the loss signals instead (`kfold_ray.report._issue_kinds`).
+(`kfold_ray.report._calibrate`); the raw ones stay in the outputs and the box signals use them.
 
 cleanlab's inputs are built in memory from the prediction table and the dataset reloaded from the
 run's ``config.json`` (pickles from a run dir are never loaded: unpickling a file from someone
@@ -31,24 +22,31 @@ else's run dir could run code). Images without annotations get a score like any 
 
 Columns of ``label_issues.parquet`` / ``.csv`` (`LABEL_ISSUE_COLUMNS`), one row per image, worst first:
 
-    rank            int32   1 = most likely mislabelled: by combined_score when the run has box
-                            losses (Faster/Mask R-CNN folds), else by cleanlab's quality_score
+    rank            int32   1 = most likely mislabelled: by box_score when the run has box
+                            losses, cleanlab's quality breaking ties; else by cleanlab's quality
     image_index     int64   position of the image in the dataset (json order)
     image_id        int64   COCO image id
     file_name       string  as in the json
     fold            int32   fold whose model predicted the image (-1 if unknown)
     quality_score   float64 cleanlab's label quality score in [0, 1]
     is_issue        bool    cleanlab flags the image (``find_label_issues``)
-    issue_kind      string  overlooked | swapped | badly_located | "" (no sign of a problem):
-                            from the box losses when the run has them (`kfold_ray.report._issue_kinds`), else
-                            from cleanlab's subtype scores
-    overlooked_score, swap_score, badloc_score  float64 pooled subtype scores (1 = no sign of it)
+    issue_kind      string  the image's likeliest kind of problem: swapped | badly_located |
+                            spurious | overlooked (`_box_issues.image_kinds`); "" for an image
+                            with no given box and no unmatched prediction
+    overlooked_score, swap_score, badloc_score  float64 cleanlab's pooled subtype scores (1 = no sign of it)
     num_given       int32   given (non-crowd) boxes
     num_predicted   int32   predicted boxes
-    boxes           string  JSON list of the boxes concerned, worst first (see `_issue_kinds._record`)
-    loss_score, unmatched_score, combined_score  float64  out-of-fold loss inspection and
-                    unmatched confident predictions, and their combination (see `_loss_signals`);
-                    higher = more likely wrong
+    boxes           string  JSON list of the image's worst box and its other named boxes, worst
+                            first (`_box_issues._records`)
+    loss_score, unmatched_score, combined_score  float64  the worst given box's loss_cls +
+                    loss_box_reg, the best prediction overlapping no given box, the larger of
+                    their rank fractions (the order before box_score; see `_loss_signals`)
+    box_score       float64 per kind, the image's worst box as a rank fraction over the images;
+                    the largest (`_box_issues.image_kinds`); null without box losses
+    named           bool    the kind is named: a box of that kind in the image is evidence
+                            (`_box_issues`)
+
+Higher signals = more likely wrong.
 """
 
 from __future__ import annotations
@@ -113,6 +111,7 @@ LABEL_ISSUE_SCHEMA = pa.schema([
     ("unmatched_score", pa.float64()),
     ("combined_score", pa.float64()),
     ("box_score", pa.float64()),
+    ("named", pa.bool_()),
 ])
 LABEL_ISSUE_COLUMNS: tuple[str, ...] = tuple(LABEL_ISSUE_SCHEMA.names)
 
@@ -242,7 +241,7 @@ def _rank(dataset: CocoDataset, table: pa.Table, fold_of_image: np.ndarray | Non
         "swap_score": pooled["swapped"], "badloc_score": pooled["badly_located"],
         "num_given": np.diff(flat.g_start).astype(np.int32),
         "num_predicted": np.diff(flat.p_start).astype(np.int32), "boxes": boxes,
-        **signals,
+        **signals, "named": worst.named,
     }
     # from_pandas: a signal that could not be computed (NaN) is a null, not a number.
     out = pa.table({name: pa.array(columns[name], type=LABEL_ISSUE_SCHEMA.field(name).type,

@@ -133,7 +133,8 @@ def test_injected_errors_rank_first_with_their_kind(finished):
     # Everything else is clean: no image beyond the third is flagged or named.
     rest = table.slice(3)
     assert not any(rest.column("is_issue").to_pylist())
-    assert set(rest.column("issue_kind").to_pylist()) == {""}
+    assert not any(rest.column("named").to_pylist())  # a kind, but no evidence of it
+    assert all(top3[i]["named"] for i in top3)
     assert q[2] < q[3]  # strictly: the three errors come before every clean image
 
 
@@ -414,10 +415,12 @@ def test_issue_kinds_come_from_the_per_box_signals(tmp_path):
                        "p_other": p_other.astype(np.float32), "other_class": ((ds.classes + 1) % 3).astype(np.int32),
                        "refined_iou": refined.astype(np.float32)}, schema=BOX_LOSS_SCHEMA)
     table, per_box = rank_issues(ds, pa.Table.from_batches([batch]), box_losses=losses)
-    kinds = table.to_pandas().set_index("image_index").issue_kind.to_dict()
+    by = table.to_pandas().set_index("image_index")
     named = {2: "swapped", 3: "badly_located", 4: "spurious", 5: "overlooked"}
-    assert kinds == {i: named.get(i, "") for i in range(n)}
-    assert table.column("image_index").to_pylist()[:4] == [2, 3, 4, 5]  # worst of each kind first
+    assert {i: by.issue_kind[i] for i in named} == named
+    assert by.named.to_dict() == {i: i in named for i in range(n)}  # the rest: a kind, no evidence
+    assert set(by.issue_kind) <= set(named.values())
+    assert sorted(table.column("image_index").to_pylist()[:4]) == [2, 3, 4, 5]
     # The per-box ranking: every given box and the one unmatched prediction, the four first.
     assert per_box.column_names == list(BOX_ISSUE_COLUMNS) and per_box.num_rows == n + 1
     top = per_box.slice(0, 4).to_pandas()

@@ -270,10 +270,14 @@ def _ap_section(run: FinishedRun) -> str:
 def _quality_section(rankings: dict[str, pa.Table]) -> str:
     oof = rankings["out_of_fold"]
     kinds = oof.column("issue_kind").to_pylist()
-    counts = ", ".join(f"{KIND_TEXT[k]}: {kinds.count(k)}" for k in BOX_KINDS)
+    named = (oof.column("named").to_pylist() if "named" in oof.column_names
+             else [bool(k) for k in kinds])
+    counts = ", ".join(f"{KIND_TEXT[k]}: {sum(1 for x, n in zip(kinds, named) if x == k and n)}"
+                       for k in BOX_KINDS)
     return ("<h2>Label quality scores</h2>"
             '<p><img src="quality.png" alt="histogram of label quality scores"></p>'
-            f"<p>Images with a likely problem named (the rest show no sign of one): {_e(counts)}.</p>")
+            f"<p>Images with a problem named (evidence: an outlier, or the model's own call; "
+            f"the rest show no sign of one): {_e(counts)}.</p>")
 
 
 def _comparison_section(run: FinishedRun, rankings: dict[str, pa.Table], top: int) -> str:
@@ -355,7 +359,8 @@ def _card(run: FinishedRun, s: dict[str, Any], in_sample: tuple[int, float] | No
         f"<p><b>#{s['rank']}</b> · image id {_e(s['image_id'])} · fold {_e(s['fold'])} · "
         f"<code>{_e(s['file_name'])}</code></p>",
         f"<p>quality {_e(_fmt(s['quality_score'], 4))} · flagged: {'yes' if s['is_issue'] else 'no'} · "
-        f"<span class=\"kind\">{_e(KIND_TEXT.get(s['issue_kind'], s['issue_kind']))}</span></p>",
+        f"<span class=\"kind\">{_e(KIND_TEXT.get(s['issue_kind'], s['issue_kind']))}</span>"
+        f"{'' if s.get('named', True) else ' (likeliest kind; not an outlier)'}</p>",
         f"<p>subtype scores: overlooked {_e(_fmt(s['overlooked_score']))}, swapped "
         f"{_e(_fmt(s['swap_score']))}, badly located {_e(_fmt(s['badloc_score']))}</p>",
     ]

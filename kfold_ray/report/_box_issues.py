@@ -11,8 +11,10 @@ same order as a number in (0, 1]: 1 - (rank - 1) / rows.
 
 A row's kind is ``named`` when its signal is also evidence: an outlier of its population (above
 Tukey's fence, Q3 + 1.5 IQR, whatever the strength of the models) or past the point where the
-model's own outputs decide it (`NAMED_ABOVE`); the per-image ranking names an image's kind from
-its worst row that way ("" when that row is not named).
+model's own outputs decide it (`NAMED_ABOVE`; a swap: its best other class beats the given one).
+
+Per image (`image_kinds`, the per-image ranking's order and kind): per kind, its worst box of
+that kind as a rank fraction over the images; the largest, and the kind giving it.
 
 Columns (`BOX_ISSUE_SCHEMA`), sorted by ``rank``:
 
@@ -27,7 +29,7 @@ Columns (`BOX_ISSUE_SCHEMA`), sorted by ``rank``:
     category_id     int64   its COCO category id
     x1, y1, x2, y2  float32 the box, absolute pixels
     kind            string  swapped | badly_located | spurious | overlooked
-    named           bool    the signal of ``kind`` is an outlier (see above)
+    named           bool    the signal of ``kind`` is evidence (see above)
     score           float64 (0, 1], higher = more likely wrong
     signal_rank     int64   the row's rank under ``kind``
     swap_signal, shift_signal, spurious_signal, overlooked_signal  float32 the signals (null

@@ -154,7 +154,7 @@ def _brain_scores(run_dir: Path, result) -> tuple[dict[str, dict[int, float]], f
     out = {"brain: mistakenness": dict(zip(ids, [m or 0.0 for m in mistakenness])),
            "brain: missing": dict(zip(ids, [float(m or 0) for m in missing])),
            "brain: loc": dict(zip(ids, loc))}
-    from kfold_ray.report._issue_kinds import rank_fraction
+    from kfold_ray.report._rank import rank_fraction
 
     stacked = np.stack([rank_fraction(np.array([out[k][i] for i in ids], dtype=float))
                         for k in ("brain: mistakenness", "brain: missing", "brain: loc")])

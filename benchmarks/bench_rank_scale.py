@@ -73,11 +73,20 @@ def synthetic(n: int, dets: int, classes: int, k: int, seed: int = 0):
     table = pa.Table.from_batches(batches).sort_by([("image_index", "ascending")])
     kept = np.flatnonzero(~ds.iscrowd)
     box_image = np.repeat(np.arange(n), per_image)[kept]
-    p = rng.uniform(0, 1, (kept.size, 2)).astype(np.float32)
+    # The fold models mostly agree with the labels (p_given ~ Beta(8, 1), the box where they
+    # would put it at IoU 0.7-1); 5 % of the boxes look swapped, shifted or spurious.
+    u = rng.uniform(0, 1, (kept.size, 2)).astype(np.float32)
+    p_given = rng.beta(8, 1, kept.size).astype(np.float32)
+    refined = (0.7 + 0.3 * u[:, 1]).astype(np.float32)
+    odd = rng.random(kept.size) < 0.05
+    p_given[odd] *= u[odd, 0] * 0.3
+    refined[odd] *= 0.5
     losses = pa.table({"image_index": box_image, "ann_row": kept,
-                       "loss_cls": -np.log(p[:, 0] + 1e-3), "loss_box_reg": p[:, 1],
-                       "p_given": p[:, 0], "p_background": (1 - p[:, 0]) * p[:, 1]},
-                      schema=BOX_LOSS_SCHEMA)
+                       "loss_cls": -np.log(p_given + 1e-3), "loss_box_reg": 1 - refined,
+                       "p_given": p_given, "p_background": (1 - p_given) * u[:, 0],
+                       "p_other": (1 - p_given) * (1 - u[:, 0]),
+                       "other_class": rng.integers(0, classes, kept.size).astype(np.int32),
+                       "refined_iou": refined}, schema=BOX_LOSS_SCHEMA)
     return ds, table, folds, losses
 
 
@@ -89,6 +98,8 @@ def child(args: argparse.Namespace) -> None:
     import psutil
 
     rss_before = psutil.Process().memory_info().rss / 2**20
+    extra: dict = {}
+    cpu = time.process_time()
     t = time.perf_counter()
     if args.mode == "cleanlab":
         # What the ranking called before kfold_ray/_objectlab.py: cleanlab's image scores and
@@ -107,17 +118,64 @@ def child(args: argparse.Namespace) -> None:
         for f in (cl_rank.compute_overlooked_box_scores, cl_rank.compute_swap_box_scores,
                   cl_rank.compute_badloc_box_scores):
             f(auxiliary_inputs=aux)
+    elif args.mode == "aux":
+        _per_image_before(ds, table, losses)
     else:
-        from kfold_ray.report._rank import rank_label_issues
+        from kfold_ray.report._rank import rank_issues
 
-        rank_label_issues(ds, table, fold_of_image=folds, box_losses=losses,
-                          calibrate=args.mode == "calibrated")
+        images, boxes = rank_issues(ds, table, fold_of_image=folds, box_losses=losses,
+                                    calibrate=args.mode == "calibrated")
+        extra["box_rows"] = boxes.num_rows
     seconds = time.perf_counter() - t
+    extra["cpu_seconds"] = time.process_time() - cpu  # this process's user + system time
+    if args.mode in ("raw", "calibrated"):  # the files `kfold-ray report` writes, timed apart
+        import tempfile
+
+        from kfold_ray.report._box_issues import write_box_issues
+        from kfold_ray.report._rank import write_label_issues
+
+        w = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            write_label_issues(d, images)
+            write_box_issues(d, boxes)
+        extra["write_seconds"] = time.perf_counter() - w
     usage = {who: resource.getrusage(w).ru_maxrss / 1024 for who, w in
              (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
     print(json.dumps({"seconds": seconds, "make_seconds": make_s, "rss_before_mb": rss_before,
                       "maxrss_self_mb": usage["self"],
-                      "maxrss_children_mb": usage["children"]}))
+                      "maxrss_children_mb": usage["children"], **extra}))
+
+
+def _per_image_before(ds, table, losses) -> None:
+    """What `rank_label_issues` computed per image before the flat pass (kfold-ray 0.1, issue
+    18's "today"): cleanlab's inputs per image (`_objectlab.auxiliary_inputs`), its per-box
+    scores, pooled, quality and flags, and the per-image loss and unmatched signals; not its
+    kinds, nor any per-box ranking."""
+    from cleanlab.object_detection import rank as cl_rank
+
+    from kfold_ray.outputs._writers import cleanlab_predictions
+    from kfold_ray.report._objectlab import (
+        auxiliary_inputs,
+        box_scores,
+        find_label_issues,
+        label_quality_scores,
+    )
+
+    predictions = cleanlab_predictions(table, num_images=ds.num_images, num_classes=ds.num_classes)
+    aux = auxiliary_inputs(ds.cleanlab_labels(), predictions)
+    per_box = box_scores(aux)
+    pooled = {k: np.asarray(cl_rank.pool_box_scores_per_image(v)) for k, v in per_box.items()}
+    label_quality_scores(pooled)
+    find_label_issues(aux, per_box, ds.num_classes)
+    unmatched = np.zeros(ds.num_images)
+    for i, a in enumerate(aux):
+        probs, iou = a["pred_label_probs"], a["iou_matrix"]
+        if probs.size:
+            free = np.ones(probs.size, bool) if iou.shape[0] == 0 else iou.max(axis=0) < 0.5
+            unmatched[i] = probs[free].max(initial=0.0)
+    loss = np.zeros(ds.num_images)
+    np.maximum.at(loss, losses.column("image_index").to_numpy(),
+                  losses.column("loss_cls").to_numpy() + losses.column("loss_box_reg").to_numpy())
 
 
 def measure(mode: str, images: int, args: argparse.Namespace) -> dict:
@@ -162,23 +220,32 @@ def main() -> None:
         return
     runs = [measure("cleanlab", args.cleanlab_images, args),
             measure("raw", args.cleanlab_images, args),
+            measure("aux", args.images, args),
             measure("raw", args.images, args),
             measure("calibrated", args.images, args)]
-    what = {"cleanlab": "before: + cleanlab's get_label_quality_scores, find_label_issues, "
+    what = {"cleanlab": "cleanlab's get_label_quality_scores, find_label_issues, "
                         "compute_*_box_scores",
-            "raw": "kfold-ray rank_label_issues", "calibrated": "kfold-ray rank_label_issues, calibrate"}
+            "aux": "before: per image from cleanlab's auxiliary inputs (per-image ranking only)",
+            "raw": "kfold-ray rank_issues (per image + per box)",
+            "calibrated": "kfold-ray rank_issues, calibrate"}
     print(f"\n{args.dets} detections per image, {args.classes} classes, k={args.k}; "
           "peak = RSS of the process and all its descendants, sampled every 0.1 s")
-    print("| what | images | seconds | images/s | peak RSS, tree (before ranking) | processes |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| what | images | seconds | images/s | peak RSS, tree (before ranking; the ranking's own) "
+          "| processes | box rows | writing the files |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in runs:
+        own = r["peak_tree_mb"] - r["rss_before_mb"]
+        write = f"{r['write_seconds']:.1f} s" if "write_seconds" in r else ""
+        rows = f"{r['box_rows']:,}" if "box_rows" in r else ""
         print(f"| {what[r['mode']]} | {r['images']:,} | {r['seconds']:.1f} | "
               f"{r['images'] / r['seconds']:,.0f} | {r['peak_tree_mb']:,.0f} MB "
-              f"({r['rss_before_mb']:,.0f} MB) | {r['processes']} |")
-    cl = runs[0]
+              f"({r['rss_before_mb']:,.0f} MB; {own:,.0f} MB) | {r['processes']} | "
+              f"{rows} | {write} |")
+    cl, before, now = runs[0], runs[2], runs[3]
     scaled = cl["seconds"] * args.images / cl["images"]
-    print(f"\nbefore, scaled linearly to {args.images:,} images: {scaled / 60:.0f} min for cleanlab's "
-          f"calls alone; now: the whole ranking in {runs[2]['seconds'] / 60:.1f} min")
+    print(f"\ncleanlab's calls, scaled linearly to {args.images:,} images: {scaled / 60:.0f} min; "
+          f"before: {before['seconds']:.1f} s per image only; now per image + per box: "
+          f"{now['seconds']:.1f} s ({before['seconds'] / now['seconds']:.2f}x)")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                         "runs": runs}, indent=2) + "\n")

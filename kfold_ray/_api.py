@@ -1,6 +1,7 @@
-"""The Python API: `run_cv`, the whole job in one call, and `CVResult`, what it hands back; and one
-function for each other command of the CLI (`validate_dataset`, `example_data` + `run_example`,
-`report_run`), so that the CLI only parses flags and prints.
+"""The Python API: `run_cv`, the whole job in one call (it hands back a `CVResult`, `_result`);
+and one function for each other command of the CLI (`validate_dataset`, `doctor`,
+`example_data` + `run_example`; `report_run`, `export_for_review` and `apply_fixes` come from the
+stages after the run), so that the CLI only parses flags and prints.
 
 Order of work (each step only after the one before succeeded):
     load + validate the dataset -> check options -> plan folds -> check the model config
@@ -13,11 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -26,6 +26,7 @@ import numpy as np
 from ._backend import FoldBackend
 from ._config import DEFAULT_MODEL, CVConfig, FailureConfig, PredictConfig, TrainConfig
 from ._exceptions import ConfigError
+from ._result import CVResult, RunReport, open_run, report_run  # noqa: F401  (re-exported)
 from .data._dataset import CocoDataset, load_coco
 from .data._example import (
     EXAMPLE_MAX_ITER,
@@ -35,130 +36,16 @@ from .data._example import (
 )
 from .data._fold_plan import FoldPlan
 from .data._split import make_fold_plan
-from .report._rank import CALIBRATE_DEFAULT
+from .report._rank import CALIBRATE_DEFAULT  # noqa: F401  (re-exported for the CLI)
 # The review commands: `export_for_review` (a finished run's suspects for FiftyOne, Label Studio
 # or CVAT) and `apply_fixes` (a review back into the COCO json).
 from .review._commands import EXPORT_FORMATS, apply_fixes  # noqa: F401  (re-exported)
 from .review._commands import export_run as export_for_review  # noqa: F401
-from .review._suspects import with_image_paths
 from .run import _state
 from .storage import _rundir
 from .storage._storage import Storage, file_sha256
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CVResult:
-    """The outputs of a finished run (all of them also lie in ``run_dir``).
-
-    Attributes:
-        run_dir: the run's folder: a Path for a local run dir, else its URI (``s3://...``).
-        dataset: the dataset the run was made on.
-        plan: the fold plan (``plan.fold_of_image``).
-        metrics: per-fold and pooled out-of-fold COCO AP (as in ``metrics.json``).
-    """
-
-    run_dir: Path | str
-    dataset: CocoDataset
-    plan: FoldPlan
-    metrics: dict[str, Any]
-    _predictions: list | None = field(default=None, repr=False)
-
-    @property
-    def storage(self) -> Storage:
-        """The run dir as a `Storage` (local or remote, the same calls)."""
-        return Storage(str(self.run_dir))
-
-    @property
-    def image_ids(self) -> np.ndarray:
-        """int64 (N,) COCO image ids in dataset order (the order of every per-image output)."""
-        return self.dataset.image_ids
-
-    @property
-    def fold_of_image(self) -> np.ndarray:
-        """int64 (N,) fold that held each image out (its prediction comes from that fold's model)."""
-        return self.plan.fold_of_image
-
-    @property
-    def predictions(self) -> list[list[np.ndarray]]:
-        """cleanlab object-detection predictions: per image, per class index, float32 (n, 5)
-        ``[x1, y1, x2, y2, score]``."""
-        if self._predictions is None:
-            # Our own file, written by this run.
-            self._predictions = pickle.loads(self.storage.read_bytes(_rundir.CLEANLAB_PREDICTIONS))
-        return self._predictions
-
-    @property
-    def labels(self) -> list[dict[str, np.ndarray]]:
-        """cleanlab object-detection labels: per image ``{"bboxes": float32 (L, 4), "labels": int (L,)}``."""
-        return self.dataset.cleanlab_labels()
-
-    def table(self):
-        """All out-of-fold detections as a pyarrow Table (``predictions.parquet``)."""
-        import pyarrow.parquet as pq
-
-        return pq.read_table(self.storage.open_input_file(_rundir.PREDICTIONS_PARQUET))
-
-    def output_files(self) -> list[str]:
-        """Where the run's main outputs are (paths or URIs), in the order the CLI lists them."""
-        return [self.storage.uri_of(name) for name in _rundir.OUTPUT_FILES]
-
-    def label_issues(self, top: int | None = None, *, in_sample: bool = False,
-                     calibrate: bool | None = None):
-        """Images ranked by how likely their labels are wrong (cleanlab, scored once over all images).
-
-        Writes ``label_issues.parquet`` and ``label_issues.csv`` into the run dir (with
-        ``in_sample``: into ``in_sample/``, from the in-sample baseline's predictions).
-
-        Args:
-            top: keep only the ``top`` worst images (default: all).
-            in_sample: rank the in-sample predictions (``run_cv(..., in_sample=True)``) instead.
-            calibrate: score with cross-fitted calibrated detection scores (default:
-                ``kfold_ray.report._rank.CALIBRATE_DEFAULT``; see `kfold_ray.report._calibrate`).
-
-        Returns:
-            A pandas DataFrame, worst first, one row per image: ``rank``, ``image_id``,
-            ``file_name``, ``image_path`` (the image's resolved path or URI), ``fold``,
-            ``quality_score``, ``is_issue``, ``issue_kind`` (overlooked / swapped /
-            badly_located), ``combined_score``, the boxes concerned (``boxes``, JSON), ... (see
-            `kfold_ray.report._rank`).
-        """
-        from .report._finished_run import read_finished_run, synced_run_dir
-        from .report._rank import label_issues_for_run, write_label_issues
-
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-            raise ConfigError(f"top must be None or an integer >= 0, got {top!r}")
-        with synced_run_dir(self.storage) as local:
-            run = read_finished_run(local, dataset=self.dataset)
-            table = with_image_paths(label_issues_for_run(
-                run, in_sample=in_sample, write=False,
-                calibrate=CALIBRATE_DEFAULT if calibrate is None else calibrate), self.dataset)
-            write_label_issues(local / _rundir.IN_SAMPLE if in_sample else local, table)
-        return (table if top is None else table.slice(0, top)).to_pandas()
-
-
-def open_run(run_dir: str | os.PathLike[str], *, annotations: str | os.PathLike[str] | None = None,
-             image_root: str | os.PathLike[str] | None = None) -> CVResult:
-    """The `CVResult` of a finished run dir (made by `run_cv`, ``kfold-ray run`` or ``ray job
-    submit``): the same object `run_cv` returned.
-
-    Args:
-        run_dir: the run's folder, a path or a URI (``s3://bucket/runs/run1``).
-        annotations: the COCO json, when it has moved since the run (default: where the run
-            read it, as ``config.json`` records).
-        image_root: the images' folder, when it has moved (default: the recorded one).
-
-    Raises ConfigError when ``run_dir`` holds no finished run, DatasetError when the dataset
-    is gone or differs from the run's (its fingerprint: the json's bytes, the images' names
-    and sizes).
-    """
-    storage = Storage(str(run_dir))
-    dataset, plan, metrics = _state.open_finished(
-        storage, annotations=None if annotations is None else os.fspath(annotations),
-        image_root=None if image_root is None else os.fspath(image_root))
-    return CVResult(run_dir=storage.local_root if storage.is_local else storage.uri,
-                    dataset=dataset, plan=plan, metrics=metrics)
 
 
 def run_cv(
@@ -475,59 +362,3 @@ def _reopen_example(storage: Storage, data: ExampleData, *, k: int, overrides: l
                           f"(-k, --seed, --max-iter or --images): {fresh}") from None
     result.metrics["reopened"] = True
     return result
-
-
-@dataclass(frozen=True)
-class RunReport:
-    """What `report_run` ranked and wrote.
-
-    Attributes:
-        rankings: ``"out_of_fold"`` (and ``"in_sample"`` when the run has it): label-issue
-            tables, worst first (`kfold_ray.report._rank`).
-        injected: how the out-of-fold ranking finds the dataset's known errors
-            (`kfold_ray.report._injected.score_against_injected`; ``n`` is 0 when it lists none).
-        files: where ``label_issues.csv``, ``label_issues.parquet`` and the page went.
-    """
-
-    rankings: dict[str, Any]
-    injected: dict[str, Any]
-    files: tuple[str, ...]
-
-
-def report_run(run_dir: str | os.PathLike[str], *, top: int = 20, calibrate: bool | None = None,
-               dataset: CocoDataset | None = None,
-               injected_errors: str | os.PathLike[str] | None = None) -> RunReport:
-    """Rank a finished run's images (out-of-fold, and in-sample when it has them), write the
-    label-issue tables and the report page into it, and score the ranking against the dataset's
-    injected errors (``injected_errors``, else the file beside its annotations, if any)."""
-    from .report._finished_run import read_finished_run, synced_run_dir
-    from .report._injected import (
-        injected_errors_of,
-        read_injected_errors,
-        score_against_injected,
-    )
-    from .report._page import write_report
-    from .report._rank import label_issues_for_run, write_label_issues
-
-    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
-        raise ConfigError(f"--top must be an integer >= 0, got {top!r}")
-    calibrate = CALIBRATE_DEFAULT if calibrate is None else calibrate
-    storage = Storage(str(run_dir))
-    with synced_run_dir(storage) as local:
-        run = read_finished_run(local, dataset=dataset)
-        rankings = {"out_of_fold": label_issues_for_run(run, calibrate=calibrate, write=False)}
-        if run.has_in_sample:
-            rankings["in_sample"] = label_issues_for_run(run, in_sample=True, calibrate=calibrate,
-                                                         write=False)
-        for name, table in list(rankings.items()):
-            rankings[name] = with_image_paths(table, run.dataset)
-            write_label_issues(local / _rundir.IN_SAMPLE if name == "in_sample" else local,
-                               rankings[name])
-        page = write_report(run, rankings, top=top)
-    known = (read_injected_errors(str(injected_errors)) if injected_errors is not None
-             else injected_errors_of(run.dataset))
-    files = (_rundir.LABEL_ISSUES_CSV, _rundir.LABEL_ISSUES_PARQUET, page.relative_to(local).as_posix())
-    return RunReport(rankings=rankings,
-                     injected=score_against_injected(rankings["out_of_fold"], known or []),
-                     files=tuple(storage.uri_of(name) for name in files))
-

@@ -119,8 +119,15 @@ BOX_LOSS_SCHEMA = pa.schema(
         ("loss_box_reg", pa.float32()),  # L1 of the deltas the model would apply to the box
         ("p_given", pa.float32()),  # the model's probability of the given class for that box
         ("p_background", pa.float32()),  # its probability that the box holds no object at all
+        # Added in 0.2 (issue 18); parts and box_losses.parquet of older runs lack them:
+        ("p_other", pa.float32()),  # its best probability of a class other than the given one
+        ("other_class", pa.int32()),  # that class (class index)
+        ("refined_iou", pa.float32()),  # IoU of the box with where the model would move it
     ]
 )
+#: The columns every BOX_LOSS_SCHEMA table has (older runs' parts carry only these).
+BOX_LOSS_BASE_COLUMNS = ("image_index", "ann_row", "loss_cls", "loss_box_reg", "p_given",
+                         "p_background")
 _LOSSES_KEY = b"kfold_ray.box_losses"
 
 
@@ -128,9 +135,17 @@ def with_box_losses(batch: pa.RecordBatch, losses: pa.Table) -> pa.RecordBatch:
     """``batch`` carrying ``losses`` (BOX_LOSS_SCHEMA) in its schema metadata."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, BOX_LOSS_SCHEMA) as writer:
-        writer.write_table(losses.cast(BOX_LOSS_SCHEMA))
+        writer.write_table(conform_box_losses(losses))
     metadata = {**(batch.schema.metadata or {}), _LOSSES_KEY: sink.getvalue().to_pybytes()}
     return batch.replace_schema_metadata(metadata)
+
+
+def conform_box_losses(losses: pa.Table) -> pa.Table:
+    """``losses`` with BOX_LOSS_SCHEMA's columns in its order: a column added after the table
+    was written (a part of an older run) is null."""
+    columns = [losses.column(f.name).cast(f.type) if f.name in losses.column_names
+               else pa.nulls(losses.num_rows, f.type) for f in BOX_LOSS_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=BOX_LOSS_SCHEMA)
 
 
 def batch_box_losses(batch: pa.RecordBatch | pa.Table | pa.Schema) -> pa.Table | None:
@@ -139,4 +154,4 @@ def batch_box_losses(batch: pa.RecordBatch | pa.Table | pa.Schema) -> pa.Table |
     data = (schema.metadata or {}).get(_LOSSES_KEY)
     if data is None:
         return None
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    return conform_box_losses(pa.ipc.open_stream(pa.py_buffer(data)).read_all())

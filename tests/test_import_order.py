@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kfold_ray.outputs",),
     ("kfold_ray.report",),
     ("kfold_ray.review",),  # export for review in other tools, and applying the fixes
+    ("kfold_ray._result",),  # a finished run: CVResult, open_run, its rankings, report_run
     ("kfold_ray._api",),
     ("kfold_ray._cli",),
     ("kfold_ray",),  # __init__: the public API

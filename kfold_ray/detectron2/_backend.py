@@ -8,6 +8,7 @@ storage) and streams its held-out predictions.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import warnings
 import tempfile
@@ -53,6 +54,10 @@ class Detectron2Backend:
                 f"{workers} (--opts SOLVER.IMS_PER_BATCH {workers * max(1, cfg.SOLVER.IMS_PER_BATCH // workers)})")
         # Segmentations are checked when the dataset loads, but only a model that trains masks
         # reads them: for a box detector a sloppy mask is a warning, not a reason to stop.
+        from ._losses import no_signals_warning
+
+        if (warning := no_signals_warning(cfg)) is not None:  # said once, before Ray starts
+            logging.getLogger("kfold_ray").warning(warning)
         if cfg.MODEL.MASK_ON:
             error = dataset.mask_error()
             if error is not None:

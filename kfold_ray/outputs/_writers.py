@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .._schema import DETECTION_SCHEMA
+from .._schema import BOX_LOSS_SCHEMA, DETECTION_SCHEMA
 from ..storage._atomic import atomic_path, write_json
 from ..storage._rundir import (
     BOX_LOSSES_PARQUET,
@@ -123,8 +123,8 @@ def write_box_losses(run_dir: Storage | str | os.PathLike[str], losses: pa.Table
         "category_id": dataset.category_ids[dataset.classes[rows]],
         "class_index": dataset.classes[rows].astype(np.int32),
         "fold": np.asarray(fold_of_image)[images].astype(np.int32),
-        **{name: losses.column(name) for name in ("loss_cls", "loss_box_reg", "p_given",
-                                                  "p_background")},
+        **{name: losses.column(name) for name in BOX_LOSS_SCHEMA.names[2:]
+           if name in losses.column_names},
     })
     with storage.staged(BOX_LOSSES_PARQUET) as tmp:
         pq.write_table(table, tmp, compression="zstd")

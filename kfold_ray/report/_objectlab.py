@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["auxiliary_inputs", "box_scores", "find_label_issues", "label_quality_scores", "per_class_ap"]
+__all__ = ["auxiliary_inputs", "box_scores", "find_label_issues", "label_quality_scores", "per_class_ap",
+           "per_class_ap_flat"]
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # as cleanlab's _get_per_class_ap
 
@@ -119,15 +120,56 @@ def per_class_ap(aux: list[dict[str, Any]], num_classes: int) -> np.ndarray:
     cls, score, best, label = _best_same_class_label(aux)
     num_gts = np.bincount(np.concatenate([a["lab_labels"] for a in aux] or [np.zeros(0, np.int64)]),
                           minlength=num_classes)
+    return per_class_ap_flat(cls, score, best, label, num_gts, num_classes)
+
+
+def per_class_ap_flat(cls: np.ndarray, score: np.ndarray, best: np.ndarray, label: np.ndarray,
+                      num_gts: np.ndarray, num_classes: int) -> np.ndarray:
+    """`per_class_ap` from flat arrays over all predictions: class, score, IoU of its best given
+    box of its class (< 0: none) and that box's global index; ``num_gts`` given boxes per class.
+
+    The matching runs once for all classes; then each class's true positives in score order go
+    through cleanlab's own arithmetic (`_average_precision`), one class at a time (bounded memory).
+    """
     # Per class, predictions by descending score (cleanlab sorts each class's predictions so).
-    order = np.lexsort((-score, cls))
+    order = np.argsort(-score, kind="stable")
+    # A stable sort of small integers is a radix sort in numpy: cheap next to the scores' sort.
+    small = np.int16 if num_classes < 2**15 else np.int64
+    order = order[np.argsort(cls[order].astype(small), kind="stable")]
     starts = np.searchsorted(cls[order], np.arange(num_classes + 1))
+    inverse = np.empty(order.size, np.int32 if order.size < 2**31 else np.int64)
+    inverse[order] = np.arange(order.size)
+    del order
+    eligible = np.flatnonzero(best >= IOU_THRESHOLDS[0])
+    by_box = eligible[np.lexsort((-score[eligible], label[eligible]))]
     aps = np.zeros((len(IOU_THRESHOLDS), num_classes), dtype=np.float32)
     for t, iou in enumerate(IOU_THRESHOLDS):
-        tp = _true_positives(score, best, label, iou)[order]
+        # cleanlab's greedy match (per image, by descending score, a prediction takes its best
+        # same-class box if IoU >= iou and no earlier one took it) is the first prediction, by
+        # descending score, of those whose best box is that box.
+        matched = by_box[best[by_box] >= iou]
+        first = matched[np.r_[True, label[matched][1:] != label[matched][:-1]]] if matched.size else matched
+        hits = np.sort(inverse[first])  # the true positives' places in class-sorted order
+        bounds = np.searchsorted(hits, starts)
         for c in range(num_classes):
-            aps[t, c] = _average_precision(tp[starts[c]:starts[c + 1]], num_gts[c])
+            tp = np.zeros(int(starts[c + 1] - starts[c]), dtype=np.float32)
+            tp[hits[bounds[c]:bounds[c + 1]] - starts[c]] = 1.0
+            aps[t, c] = _average_precision(tp, num_gts[c])
     return aps.mean(axis=0).astype(np.float64)
+
+
+def _average_precision(tp: np.ndarray, num_gts: int) -> np.float32:
+    """cleanlab's ``_calculate_average_precision`` of one class's predictions (descending score)."""
+    true_pos = np.cumsum(tp, dtype=np.float32)
+    false_pos = np.cumsum(1.0 - tp, dtype=np.float32)
+    eps = np.finfo(np.float32).eps
+    recall = true_pos / np.maximum(np.array([num_gts]), eps)
+    precision = true_pos / np.maximum(true_pos + false_pos, eps)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # the precision envelope
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return np.float32(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
 def _best_same_class_label(aux: list[dict[str, Any]]):
@@ -149,33 +191,6 @@ def _best_same_class_label(aux: list[dict[str, Any]]):
         offset += lab.size
     cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
     return cat(cls, np.int64), cat(score, np.float64), cat(best, np.float64), cat(label, np.int64)
-
-
-def _true_positives(score: np.ndarray, best: np.ndarray, label: np.ndarray, iou: float) -> np.ndarray:
-    """float32 (M,) 1 for a true positive: cleanlab's greedy match (per image, by descending score,
-    a prediction takes its best same-class box if IoU >= iou and no earlier one took it) is the
-    first prediction, by descending score, of those whose best box is that box."""
-    tp = np.zeros(score.size, dtype=np.float32)
-    eligible = np.flatnonzero(best >= iou)
-    if eligible.size:
-        by_box = eligible[np.lexsort((-score[eligible], label[eligible]))]
-        first = np.r_[True, label[by_box][1:] != label[by_box][:-1]]
-        tp[by_box[first]] = 1.0
-    return tp
-
-
-def _average_precision(tp: np.ndarray, num_gts: int) -> np.float32:
-    """cleanlab's ``_calculate_average_precision`` of one class's predictions (descending score)."""
-    true_pos = np.cumsum(tp, dtype=np.float32)
-    false_pos = np.cumsum(1.0 - tp, dtype=np.float32)
-    eps = np.finfo(np.float32).eps
-    recall = true_pos / np.maximum(np.array([num_gts]), eps)
-    precision = true_pos / np.maximum(true_pos + false_pos, eps)
-    mrec = np.concatenate([[0.0], recall, [1.0]])
-    mpre = np.concatenate([[0.0], precision, [0.0]])
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # the precision envelope
-    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return np.float32(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
 def auxiliary_inputs(labels: list[dict[str, np.ndarray]],

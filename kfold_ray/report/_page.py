@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from ..storage._atomic import atomic_path, write_text
 from ._injected import INJECTED_ERRORS, injected_errors_of, score_against_injected
-from ._issue_kinds import ISSUE_KINDS
+from ._box_issues import BOX_KINDS
 from ._overlays import CONCERNED, GIVEN, PRED_MIN_SCORE, PREDICTED, draw_overlay
 
 if TYPE_CHECKING:
@@ -43,7 +43,8 @@ REPORT_DIR = "report"
 THUMB_SIDE = 384
 THUMB_MAX_BYTES = 100_000
 KIND_TEXT = {"overlooked": "overlooked object", "swapped": "swapped class",
-             "badly_located": "badly located box", "": "no specific problem found"}
+             "badly_located": "badly located box", "spurious": "spurious box",
+             "": "no specific problem found"}
 
 
 def write_report(run: FinishedRun, rankings: dict[str, pa.Table], *, top: int = 20) -> Path:
@@ -243,7 +244,8 @@ def _page(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[s
     ]
     if "in_sample" in rankings:
         parts.append(_comparison_section(run, rankings, len(suspects)))
-    parts += [_suspects_section(run, rankings, suspects, out, injected), "</body></html>"]
+    parts += [_boxes_section(run), _suspects_section(run, rankings, suspects, out, injected),
+              "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
@@ -265,8 +267,8 @@ def _summary_section(run: FinishedRun, rankings: dict[str, pa.Table]) -> str:
     oof = rankings["out_of_fold"]
     flagged = int(np.sum(oof.column("is_issue").to_numpy(zero_copy_only=False)))
     by_signal = oof.column("combined_score").null_count < oof.num_rows
-    order = ("the combined loss / unmatched-prediction score (<code>combined_score</code>)"
-             if by_signal else "cleanlab's label quality score")
+    order = ("their worst box in the per-box ranking (<code>box_score</code>; every box: "
+             "<code>box_issues.parquet</code>)" if by_signal else "cleanlab's label quality score")
     return ("<h2>Run</h2>" + _table([], rows)
             + f"<p>cleanlab flags <b>{flagged}</b> of {oof.num_rows} images as likely mislabelled "
               "(out-of-fold predictions, scored once over the whole dataset). Images are ranked by "
@@ -302,10 +304,14 @@ def _ap_section(run: FinishedRun, out: Path) -> str:
 def _quality_section(rankings: dict[str, pa.Table], out: Path) -> str:
     oof = rankings["out_of_fold"]
     kinds = oof.column("issue_kind").to_pylist()
-    counts = ", ".join(f"{KIND_TEXT[k]}: {kinds.count(k)}" for k in ISSUE_KINDS)
+    named = (oof.column("named").to_pylist() if "named" in oof.column_names
+             else [bool(k) for k in kinds])
+    counts = ", ".join(f"{KIND_TEXT[k]}: {sum(1 for x, n in zip(kinds, named) if x == k and n)}"
+                       for k in BOX_KINDS)
     return ("<h2>Label quality scores</h2>"
             f'<p><img src="{_embedded(out / "quality.png")}" alt="histogram of label quality scores"></p>'
-            f"<p>Images with a likely problem named (the rest show no sign of one): {_e(counts)}.</p>")
+            f"<p>Images with a problem named (evidence: an outlier, or the model's own call; "
+            f"the rest show no sign of one): {_e(counts)}.</p>")
 
 
 def _comparison_section(run: FinishedRun, rankings: dict[str, pa.Table], top: int) -> str:
@@ -333,6 +339,31 @@ def _comparison_section(run: FinishedRun, rankings: dict[str, pa.Table], top: in
             "the labels looks like.</p>"
             + _table(["", "out-of-fold", "in-sample"], rows)
             + f"<p>{shared} of the top {n} suspects are the same in both rankings.</p>")
+
+
+def _boxes_section(run: FinishedRun, top: int = 20) -> str:
+    """The worst boxes of the per-box ranking (box_issues.parquet), with the kind named on each."""
+    import pyarrow.parquet as pq
+
+    path = run.run_dir / "box_issues.parquet"
+    if not path.is_file():
+        return ""
+    rows = pq.read_table(path).slice(0, top).to_pylist()
+    names = run.dataset.class_names
+    files = run.dataset.file_names
+    body = []
+    for r in rows:
+        suggested = r["suggested_class_index"]
+        what = (f"given '{names[r['class_index']]}' (annotation {r['annotation_id']})"
+                if r["source"] == "given" else f"predicted '{names[r['class_index']]}' ({r['best_score']:.2f})")
+        instead = names[suggested] if r["kind"] == "swapped" and suggested >= 0 else ""
+        body.append((r["rank"], KIND_TEXT[r["kind"]] + ("" if r["named"] else " (not named)"),
+                     files[r["image_index"]], what, instead,
+                     "[" + ", ".join(f"{r[c]:.0f}" for c in ("x1", "y1", "x2", "y2")) + "]", r["score"]))
+    return (f"<h2>Top {len(rows)} boxes</h2><p>Every given box and every unmatched prediction is "
+            "ranked by the signal of its likeliest kind of error (<code>box_issues.parquet</code>); "
+            "a kind is named where its signal is evidence.</p>"
+            + _table(["rank", "kind", "image", "box", "model sees", "bbox", "score"], body))
 
 
 def _suspects_section(run: FinishedRun, rankings: dict[str, pa.Table], suspects: list[dict[str, Any]],
@@ -363,13 +394,15 @@ def _card(run: FinishedRun, s: dict[str, Any], out: Path, in_sample: tuple[int, 
         f"<p><b>#{s['rank']}</b> · image id {_e(s['image_id'])} · fold {_e(s['fold'])} · "
         f"<code>{_e(s['file_name'])}</code></p>",
         f"<p>quality {_e(_fmt(s['quality_score'], 4))} · flagged: {'yes' if s['is_issue'] else 'no'} · "
-        f"<span class=\"kind\">{_e(KIND_TEXT.get(s['issue_kind'], s['issue_kind']))}</span></p>",
+        f"<span class=\"kind\">{_e(KIND_TEXT.get(s['issue_kind'], s['issue_kind']))}</span>"
+        f"{'' if s.get('named', True) else ' (likeliest kind; not an outlier)'}</p>",
         f"<p>subtype scores: overlooked {_e(_fmt(s['overlooked_score']))}, swapped "
         f"{_e(_fmt(s['swap_score']))}, badly located {_e(_fmt(s['badloc_score']))}</p>",
     ]
     if s.get("combined_score") is not None:
-        lines.append(f"<p>signals: box loss {_e(_fmt(s['loss_score']))}, unmatched prediction "
-                     f"{_e(_fmt(s['unmatched_score']))}, combined {_e(_fmt(s['combined_score']))}</p>")
+        lines.append(f"<p>signals: worst box {_e(_fmt(s.get('box_score')))}, box loss "
+                     f"{_e(_fmt(s['loss_score']))}, unmatched prediction "
+                     f"{_e(_fmt(s['unmatched_score']))}</p>")
     if in_sample is not None:
         lines.append(f"<p>in-sample: rank {_e(in_sample[0])}, quality {_e(_fmt(in_sample[1], 4))}</p>")
     for b in json.loads(s["boxes"]):
@@ -384,7 +417,8 @@ def _card(run: FinishedRun, s: dict[str, Any], out: Path, in_sample: tuple[int, 
 def _injected_line(e: dict[str, Any]) -> str:
     """A known error of the image, as the dataset's answer key records it."""
     what = {"missing": "a box was removed (an overlooked object)", "swapped": "the class was swapped",
-            "shifted": "the box was shifted"}.get(str(e.get("kind")), str(e.get("kind", "?")))
+            "shifted": "the box was shifted", "spurious": "a box was added where there is no object"
+            }.get(str(e.get("kind")), str(e.get("kind", "?")))
     ann = f" (annotation {e['annotation_id']})" if e.get("annotation_id") is not None else ""
     return f'<p><span class="injected-tag">injected error</span>: {_e(what)}{_e(ann)}</p>'
 
@@ -394,9 +428,16 @@ def _describe(b: dict[str, Any]) -> str:
     if b["kind"] == "overlooked":
         return f"overlooked: predicted '{b['class']}' ({b['score']:.2f}) at {box} matches no given box"
     p = b.get("predicted")
+    given = f"given '{b['class']}' (annotation {b['annotation_id']}) at {box}"
     if b["kind"] == "swapped":
+        if b.get("suggested") and b.get("p_other") is not None:
+            return (f"swapped? {given}; the model sees '{b['suggested']['class']}' "
+                    f"({b['p_other']:.2f}) rather than '{b['class']}' ({b['p_given']:.2f})")
         said = f"; predicted '{p['class']}' ({p['score']:.2f})" if p else ""
-        return f"swapped? given '{b['class']}' (annotation {b['annotation_id']}) at {box}{said}"
+        return f"swapped? {given}{said}"
+    if b["kind"] == "spurious":
+        bg = f" (background {b['p_background']:.2f})" if b.get("p_background") is not None else ""
+        return f"spurious? {given}: the model sees no object there{bg}"
     said = ("; best overlapping prediction at [" + ", ".join(f"{v:g}" for v in p["bbox"])
             + f"] ({p['score']:.2f})") if p else ""
-    return f"badly located? given '{b['class']}' (annotation {b['annotation_id']}) at {box}{said}"
+    return f"badly located? {given}{said}"

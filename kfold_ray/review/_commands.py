@@ -62,7 +62,7 @@ def export_run(run_dir: str | os.PathLike[str], *, to: str, out: str | os.PathLi
     or changed since the run) before anything is written.
     """
     from ..report._finished_run import read_finished_run, synced_run_dir
-    from ..report._rank import label_issues_for_run
+    from ..report._rank import issues_for_run
     from ._suspects import class_labels, select_suspects
 
     if to not in EXPORT_FORMATS:
@@ -73,11 +73,11 @@ def export_run(run_dir: str | os.PathLike[str], *, to: str, out: str | os.PathLi
     dataset, _, _ = _state.open_finished(storage, annotations=annotations, image_root=image_root)
     with synced_run_dir(storage) as local:
         run = read_finished_run(local, dataset=dataset)
-        ranking = label_issues_for_run(run, write=False)
+        ranking, boxes = issues_for_run(run)
         losses = local / _rundir.BOX_LOSSES_PARQUET
         suspects = select_suspects(
             dataset, ranking, local / _rundir.PREDICTIONS_PARQUET, top=top,
-            box_losses=losses if losses.is_file() else None,
+            box_losses=losses if losses.is_file() else None, box_issues=boxes,
             min_score=DEFAULT_MIN_SCORE[to] if min_score is None else min_score)
     name = storage.uri
     if to == "coco":

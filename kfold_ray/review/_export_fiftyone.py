@@ -7,13 +7,15 @@ import and no database here: the images stay where they are (``filepath``: their
 Per sample (one per suspect image, worst first):
 
     ground_truth    Detections: the given boxes; each carries ``coco_id`` (its COCO annotation
-                    id) and its signals (`_suspects.box_signals`): ``kind`` and ``box_score``
-                    where the ranking names it, ``loss_cls``, ``loss_box_reg``, ``p_given``,
-                    ``p_background`` (the fold model's losses) when the run has them
+                    id) and its signals (`_suspects.box_signals`): from the per-box ranking
+                    ``kind``, ``box_score`` (higher = more likely wrong), ``named`` (the kind is
+                    evidence) and ``suggested_class`` (a swap: the class the model sees);
+                    ``loss_cls``, ``loss_box_reg``, ``p_given``, ``p_other``, ``p_background``,
+                    ``refined_iou`` (the fold model's heads) when the run has them
     predictions     Detections: the out-of-fold predictions, ``confidence`` = score (``kind``
                     on one the ranking names, e.g. an overlooked object)
     rank, issue_kind, is_issue, fold, file_name, coco_id (the COCO image id), and the scores
-                    (quality_score, combined_score, loss_score, unmatched_score,
+                    (box_score: the order, quality_score, combined_score, loss_score, unmatched_score,
                     overlooked_score, swap_score, badloc_score)
     metadata        the image's width and height
 

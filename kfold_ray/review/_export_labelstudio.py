@@ -116,13 +116,17 @@ def _region(s: Suspect, box: GivenBox | PredictedBox, labels: Sequence[str], rid
 
 
 def _describe(signals: dict[str, Any]) -> str:
-    """What the ranking says of a box, for the reviewer: ``swapped? box score 0.12; loss_cls
-    2.31, ...``."""
+    """What the ranking says of a box, for the reviewer: ``swapped (named: evidence) -> dog, box
+    score 0.98; loss_cls 2.31, ...`` (a kind without "named" is only the box's likeliest)."""
     parts = []
     if signals.get("kind"):
         score = signals.get("box_score")
-        parts.append(f"{signals['kind']}?" + (f" box score {score:.3g}" if score is not None else ""))
-    terms = [f"{k} {signals[k]:.3g}" for k in ("loss_cls", "loss_box_reg", "p_given", "p_background")
+        text = signals["kind"] + (" (named: evidence)" if signals.get("named") else "?")
+        if signals.get("suggested_class"):
+            text += f" -> {signals['suggested_class']}"
+        parts.append(text + (f", box score {score:.3g}" if score is not None else ""))
+    terms = [f"{k} {signals[k]:.3g}" for k in ("loss_cls", "loss_box_reg", "p_given", "p_other",
+                                                 "p_background", "refined_iou")
              if signals.get(k) is not None]
     if terms:
         parts.append(", ".join(terms))

@@ -4,9 +4,10 @@ of each box.
 
 Every export (`_export_fiftyone`, `_export_labelstudio`, `_export_coco`) is written from these
 plain records, never from the ranking table itself: what a box carries comes from ONE function,
-`box_signals`, which reads the ranking's ``boxes`` column (the boxes concerned, with their kind)
-and the run's ``box_losses.parquet`` (the loss terms of every given box). A per-box ranking
-plugs in there, and every export carries it.
+`box_signals`, which reads the per-box ranking (``box_issues``: every given box's kind, score,
+whether it is named and the class the model sees instead; the overlooked predictions), the
+image ranking's ``boxes`` column (the boxes it names) and the run's ``box_losses.parquet`` (what
+the fold model's heads say of every given box). Every export carries what it returns.
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ __all__ = ["GivenBox", "PredictedBox", "Suspect", "class_labels", "select_suspec
            "with_image_paths"]
 
 #: Per-image scores every export carries (columns of the ranking, `kfold_ray.report._rank`).
-SCORE_COLUMNS = ("quality_score", "combined_score", "loss_score", "unmatched_score",
+SCORE_COLUMNS = ("box_score", "quality_score", "combined_score", "loss_score", "unmatched_score",
                  "overlooked_score", "swap_score", "badloc_score")
 #: Per-given-box loss terms (``box_losses.parquet``), when the run has them.
-LOSS_TERMS = ("loss_cls", "loss_box_reg", "p_given", "p_background")
+LOSS_TERMS = ("loss_cls", "loss_box_reg", "p_given", "p_background", "p_other", "refined_iou")
+#: What the per-box ranking (`kfold_ray.report._box_issues`) says of each box: its kind, its
+#: score (higher = more likely wrong), whether the kind is named (evidence, not just the likeliest).
+BOX_ISSUE_TERMS = ("kind", "box_score", "named")
 
 
 @dataclass(frozen=True)
 class GivenBox:
     """A given (labelled) box: its COCO annotation id, class index, absolute ``[x1, y1, x2,
-    y2]``, and its signals (`box_signals`): the loss terms, and ``kind`` / ``box_score`` when
-    the ranking names this box."""
+    y2]``, and its signals (`box_signals`): the loss terms, its ``kind`` / ``box_score`` /
+    ``named`` from the per-box ranking, and ``suggested_class`` where the model sees another."""
 
     annotation_id: int
     class_index: int
@@ -106,7 +110,8 @@ def with_image_paths(table: pa.Table, dataset: CocoDataset) -> pa.Table:
 
 
 def select_suspects(dataset: CocoDataset, ranking: pa.Table, predictions: Path, *, top: int,
-                    box_losses: Path | None = None, min_score: float = 0.0) -> list[Suspect]:
+                    box_losses: Path | None = None, box_issues: pa.Table | None = None,
+                    min_score: float = 0.0) -> list[Suspect]:
     """The ``top`` worst images of ``ranking`` (worst first) as `Suspect` records.
 
     Args:
@@ -114,6 +119,8 @@ def select_suspects(dataset: CocoDataset, ranking: pa.Table, predictions: Path, 
         ranking: a label-issue table (`kfold_ray.report._rank`), worst first.
         predictions: the run's ``predictions.parquet``.
         box_losses: the run's ``box_losses.parquet`` (None: no loss terms on the boxes).
+        box_issues: the per-box ranking (`kfold_ray.report._box_issues`; None: only the boxes
+            the image ranking names carry a kind).
         min_score: predictions scoring below it are left out.
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
@@ -124,10 +131,11 @@ def select_suspects(dataset: CocoDataset, ranking: pa.Table, predictions: Path, 
     indices = [int(r["image_index"]) for r in rows]
     detections = _detections(predictions, indices, min_score)
     losses = _losses(box_losses, indices) if box_losses is not None else {}
+    per_box = _per_box(box_issues, indices, class_labels(dataset)) if box_issues is not None else {}
     out = []
     for r in rows:
         i = int(r["image_index"])
-        given_signals, predicted_signals = box_signals(r, losses)
+        given_signals, predicted_signals = box_signals(r, losses, per_box.get(i, ({}, [])))
         out.append(Suspect(
             rank=int(r["rank"]), image_index=i, image_id=int(r["image_id"]),
             file_name=str(r["file_name"]), image_path=dataset.image_path(i),
@@ -141,25 +149,29 @@ def select_suspects(dataset: CocoDataset, ranking: pa.Table, predictions: Path, 
 
 
 # ---- what each box carries: the one place a per-box ranking plugs in --------------------------------
-def box_signals(row: dict[str, Any], losses: dict[int, dict[str, float | None]]
+def box_signals(row: dict[str, Any], losses: dict[int, dict[str, float | None]],
+                per_box: tuple[dict[int, dict[str, Any]], list[dict[str, Any]]] = ({}, []),
                 ) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
     """(signals per given annotation id, records of the predictions the ranking names).
 
-    A given box gets its loss terms (``losses``: from ``box_losses.parquet``) and, when the
-    ranking's ``boxes`` column names it, ``kind`` and ``box_score`` (cleanlab's per-box score,
-    lower = more likely wrong). A named prediction (an overlooked object) is returned with its
-    ``bbox``, ``class_index``, ``score``, ``kind`` and ``box_score``, to be matched to the
-    predicted boxes by coordinates.
+    A given box gets its loss terms (``losses``: from ``box_losses.parquet``), what the per-box
+    ranking says of it (``per_box``, `_per_box`: ``kind``, ``box_score``, higher = more likely
+    wrong, ``named``, ``suggested_class``) and, when the image ranking's ``boxes`` column names
+    it, that kind. An overlooked prediction is returned with its ``bbox``, ``class_index``,
+    ``score``, ``kind`` and ``box_score``, to be matched to the predicted boxes by coordinates.
     """
+    given_rows, predicted = per_box
     given = {ann: dict(terms) for ann, terms in losses.items()}
-    predicted = []
+    for ann, signals in given_rows.items():
+        given.setdefault(ann, {}).update(signals)
+    predicted = list(predicted)
     for b in json.loads(row.get("boxes") or "[]"):
-        named = {"kind": b["kind"], "box_score": b.get("box_score")}
+        named = {"kind": b["kind"], "box_score": b.get("box_score"), "named": b.get("named")}
         if b.get("source") == "given":
             box = given.setdefault(int(b["annotation_id"]), {})
             if "kind" not in box:  # worst first: a box named twice keeps its worst kind
                 box.update(named)
-        else:
+        elif not any(np.allclose(p["bbox"], b["bbox"], atol=0.011) for p in predicted):
             predicted.append({**named, "bbox": b["bbox"], "class_index": b["class_index"],
                               "score": b.get("score")})
     return given, predicted
@@ -182,7 +194,7 @@ def _predicted(det: dict[str, np.ndarray] | None, named: list[dict[str, Any]]) -
         signals = {}
         for n in named:  # the ranking rounds its boxes to 0.01 px
             if int(n["class_index"]) == int(c) and np.allclose(box, n["bbox"], atol=0.011):
-                signals = {"kind": n["kind"], "box_score": n["box_score"]}
+                signals = {"kind": n["kind"], "box_score": n["box_score"], "named": n.get("named")}
         out.append(PredictedBox(int(c), _xyxy(box), round(float(s), 6), signals))
     return tuple(out)
 
@@ -206,6 +218,35 @@ def _detections(path: Path, indices: list[int], min_score: float) -> dict[int, d
         rows = order[img[order] == i]
         out[int(i)] = {"boxes": boxes[rows], "classes": classes[rows], "scores": score[rows]}
     return out
+
+
+def _per_box(table: pa.Table, indices: list[int], labels: list[str]
+             ) -> dict[int, tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]]:
+    """Per image index asked for: what the per-box ranking says of its given boxes (annotation
+    id -> kind, box_score, named, suggested_class) and its overlooked predictions (records as in
+    `box_signals`)."""
+    import pyarrow.compute as pc
+
+    rows = table.filter(pc.is_in(table.column("image_index"), _int64_array(indices))).to_pylist()
+    out: dict[int, tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]] = {}
+    for r in rows:
+        given, predicted = out.setdefault(int(r["image_index"]), ({}, []))
+        signals = {"kind": r["kind"], "box_score": _num(r["score"]), "named": bool(r["named"])}
+        if r["source"] == "given":
+            suggested = r.get("suggested_class_index")
+            if r["kind"] == "swapped" and suggested is not None and suggested >= 0:
+                signals["suggested_class"] = labels[suggested]
+            given[int(r["annotation_id"])] = signals
+        else:
+            predicted.append({**signals, "bbox": [r["x1"], r["y1"], r["x2"], r["y2"]],
+                              "class_index": int(r["class_index"]), "score": _num(r.get("best_score"))})
+    return out
+
+
+def _int64_array(values: list[int]):
+    import pyarrow as pa
+
+    return pa.array(values, pa.int64())
 
 
 def _losses(path: Path, indices: list[int]) -> dict[int, dict[str, float | None]]:

@@ -15,6 +15,7 @@ one place that names them::
     predictions.parquet  cleanlab_predictions.pkl  cleanlab_labels.pkl  coco_results.json
     categories.json  metrics.json  label_issues.parquet/.csv  report/index.html
     box_losses.parquet        per given box, the out-of-fold model's losses (loss inspection)
+    box_issues.parquet        the per-box ranking (given boxes and unmatched predictions)
     in_sample/                the same layout, for the in-sample baseline
 
 Nothing is relative to a process' working directory: a local run dir is made absolute on the
@@ -52,6 +53,7 @@ CATEGORIES = "categories.json"
 BOX_LOSSES_PARQUET = "box_losses.parquet"
 LABEL_ISSUES_PARQUET = "label_issues.parquet"
 LABEL_ISSUES_CSV = "label_issues.csv"
+BOX_ISSUES_PARQUET = "box_issues.parquet"
 OUTPUT_FILES = (PREDICTIONS_PARQUET, CLEANLAB_PREDICTIONS, CLEANLAB_LABELS, COCO_RESULTS,
                 CATEGORIES, METRICS, FOLD_PLAN)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from cocofactory import edit_coco, make_coco, read_coco
-from fakes import EchoBackend
+from fakes import EchoBackend, TruthEchoBackend  # noqa: F401  (Ray workers import it from fakes)
 
 from kfold_ray import run_cv
 from kfold_ray._cli import main
@@ -33,30 +32,6 @@ from kfold_ray.report._rank import LABEL_ISSUE_COLUMNS, rank_label_issues
 from kfold_ray._schema import DETECTION_SCHEMA, make_prediction_batch
 
 CATEGORIES = ["<b>cat</b>", "dog & co", 'say "hi"']  # HTML must escape them
-
-
-@dataclass
-class TruthEchoBackend(EchoBackend):
-    """EchoBackend, but echoing another annotations file (the truth) with a confident score.
-
-    EchoBackend echoes the labels the run was given (so it cannot disagree with them) at 0.9, below
-    cleanlab's 0.95 threshold for swapped and overlooked boxes.
-    """
-
-    truth_annotations: str = ""
-    truth_images: str = ""
-    score: float = 0.99
-
-    def run_fold(self, task, dataset):
-        truth = load_coco(self.truth_annotations, self.truth_images, check_images=False)
-        for event in super().run_fold(task, truth):
-            if isinstance(event, pa.RecordBatch):
-                scores = event.column("score").to_numpy()
-                confident = np.where(scores >= 0.9, self.score, scores).astype(np.float32)
-                columns = [pa.array(confident) if name == "score" else event.column(name)
-                           for name in event.schema.names]
-                event = pa.RecordBatch.from_arrays(columns, schema=event.schema)  # keeps metadata
-            yield event
 
 
 # ---- the corrupted dataset and its run -----------------------------------------------------------
@@ -117,12 +92,8 @@ def finished(tmp_path_factory):
     injected = {}
     edit_coco(ann, lambda d: injected.update(_corrupt(d)))
     backend = TruthEchoBackend(truth_annotations=str(truth), truth_images=str(images))
-    # Ray's workers unpickle TruthEchoBackend by reference: they must import this module too.
-    here = str(Path(__file__).resolve().parent)
-    if here not in os.environ["PYTHONPATH"].split(os.pathsep):
-        os.environ["PYTHONPATH"] += os.pathsep + here
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False)  # never join another process's cluster
     try:
         result = run_cv(ann, 3, image_root=images, gpus_per_fold=0, run_dir=root / "run",
                         backend=backend, progress=False, batch_size=4, in_sample=True)
@@ -172,7 +143,8 @@ def test_injected_errors_rank_first_with_their_kind(finished):
     # Everything else is clean: no image beyond the third is flagged or named.
     rest = table.slice(3)
     assert not any(rest.column("is_issue").to_pylist())
-    assert set(rest.column("issue_kind").to_pylist()) == {""}
+    assert not any(rest.column("named").to_pylist())  # a kind, but no evidence of it
+    assert all(top3[i]["named"] for i in top3)
     assert q[2] < q[3]  # strictly: the three errors come before every clean image
 
 
@@ -397,7 +369,7 @@ def test_overlays_mark_the_boxes_concerned_and_survive_an_unreadable_image(finis
     assert "Out-of-fold vs in-sample" not in page  # no in-sample ranking given
 
 
-def test_loss_and_unmatched_signals_point_at_the_two_bad_images(tmp_path):
+def test_loss_and_unmatched_signals_point_at_the_two_bad_images(tmp_path, caplog):
     from kfold_ray._schema import BOX_LOSS_SCHEMA
 
     ann, images = make_coco(tmp_path, n_images=6, categories=3, boxes_per_image=(1, 1), seed=2)
@@ -409,11 +381,16 @@ def test_loss_and_unmatched_signals_point_at_the_two_bad_images(tmp_path):
                                   classes=np.array([0]), image_ids=ds.image_ids,
                                   category_ids=ds.category_ids)
     rows = np.arange(6)  # one given box per image: annotation row i belongs to image i
+    # box_losses.parquet as kfold-ray wrote it before p_other / other_class / refined_iou
     losses = pa.table({"image_index": rows, "ann_row": rows,
                        "loss_cls": np.where(rows == 1, 5.0, 0.1).astype(np.float32),
                        "loss_box_reg": np.full(6, 0.2, np.float32), "p_given": np.full(6, 0.5, np.float32),
-                       "p_background": np.full(6, 0.1, np.float32)}, schema=BOX_LOSS_SCHEMA)
-    table = rank_label_issues(ds, pa.Table.from_batches([batch]), box_losses=losses).to_pandas()
+                       "p_background": np.full(6, 0.1, np.float32)})
+    assert set(BOX_LOSS_SCHEMA.names) - set(losses.column_names) == {"p_other", "other_class", "refined_iou"}
+    with caplog.at_level("WARNING", logger="kfold_ray.report"):
+        table = rank_label_issues(ds, pa.Table.from_batches([batch]), box_losses=losses).to_pandas()
+    notes = [r.getMessage() for r in caplog.records if r.name == "kfold_ray.report"]
+    assert len(notes) == 1 and "no p_other, refined_iou" in notes[0]
     by_image = table.set_index("image_index")
     assert by_image.loc[1, "loss_score"] == pytest.approx(5.2)
     assert by_image.loc[4, "unmatched_score"] == pytest.approx(0.9) and by_image.loc[0, "unmatched_score"] == 0
@@ -426,41 +403,56 @@ def test_loss_and_unmatched_signals_point_at_the_two_bad_images(tmp_path):
 
 def test_issue_kinds_come_from_the_per_box_signals(tmp_path):
     from kfold_ray._schema import BOX_LOSS_SCHEMA
+    from kfold_ray.report._box_issues import BOX_ISSUE_COLUMNS
+    from kfold_ray.report._rank import rank_issues
 
     n = 24
     ann, images = make_coco(tmp_path, n_images=n, categories=3, boxes_per_image=(1, 1), seed=2)
     ds = load_coco(ann, images)
-    # Image 5: a confident prediction on empty ground (a missing label). Image 2: the fold model
-    # sees another digit in the given box (swap); image 3: mostly background in it (shifted);
-    # image 6: another class predicted right on the given box, though the model's box-head
-    # probabilities alone would say background. The rest: the model agrees with the labels, more
-    # or less (p_given 0.55 to 0.95): ordinary losses, no outliers.
-    batch = make_prediction_batch(
-        fold=0, image_indices=np.arange(n), det_image_index=np.array([5, 6]),
-        boxes=np.array([[0, 0, 5, 5], ds.boxes[6]]), scores=np.array([0.9, 0.8]),
-        classes=np.array([0, (ds.classes[6] + 1) % 3]), image_ids=ds.image_ids,
-        category_ids=ds.category_ids)
+    # The fold model predicts every given box with its class; more or less sure of it (p_given
+    # 0.55 to 0.95), and where it would put the box overlaps it at IoU 0.9. Except: image 2 it
+    # sees another class in (a swap), image 3's box it would move (IoU 0.3: shifted), image 4's
+    # box holds background to it (spurious), and image 5 has a confident prediction on empty
+    # ground besides (a missing label).
     rows = np.arange(n)
-    p_given = np.where(np.isin(rows, [2, 3, 6]), 0.05, np.linspace(0.55, 0.95, n))
-    p_background = np.select([rows == 2, rows == 3, rows == 6], [0.1, 0.85, 0.6], 0.05)
+    det_image = np.r_[rows, 5]
+    boxes = np.concatenate([ds.boxes, [[0, 0, 5, 5]]])
+    batch = make_prediction_batch(
+        fold=0, image_indices=rows, det_image_index=det_image, boxes=boxes,
+        scores=np.full(n + 1, 0.9), classes=np.r_[ds.classes, 0], image_ids=ds.image_ids,
+        category_ids=ds.category_ids)
+    p_given = np.select([rows == 2, rows == 4], [0.05, 0.05], np.linspace(0.55, 0.95, n))
+    p_other = np.select([rows == 2, rows == 4], [0.9, 0.05], 0.02)
+    p_background = np.where(rows == 4, 0.9, 0.03)
+    refined = np.where(rows == 3, 0.3, 0.9)
     losses = pa.table({"image_index": rows, "ann_row": rows,
                        "loss_cls": (-np.log(p_given)).astype(np.float32),
                        "loss_box_reg": np.where(rows == 3, 0.9, 0.1).astype(np.float32),
-                       "p_given": p_given.astype(np.float32),
-                       "p_background": p_background.astype(np.float32)}, schema=BOX_LOSS_SCHEMA)
-    table = rank_label_issues(ds, pa.Table.from_batches([batch]), box_losses=losses)
-    kinds = table.to_pandas().set_index("image_index").issue_kind.to_dict()
-    named = {2: "swapped", 3: "badly_located", 5: "overlooked", 6: "swapped"}
-    assert kinds == {i: named.get(i, "") for i in range(n)}
+                       "p_given": p_given.astype(np.float32), "p_background": p_background.astype(np.float32),
+                       "p_other": p_other.astype(np.float32), "other_class": ((ds.classes + 1) % 3).astype(np.int32),
+                       "refined_iou": refined.astype(np.float32)}, schema=BOX_LOSS_SCHEMA)
+    table, per_box = rank_issues(ds, pa.Table.from_batches([batch]), box_losses=losses)
+    by = table.to_pandas().set_index("image_index")
+    named = {2: "swapped", 3: "badly_located", 4: "spurious", 5: "overlooked"}
+    assert {i: by.issue_kind[i] for i in named} == named
+    assert by.named.to_dict() == {i: i in named for i in range(n)}  # the rest: a kind, no evidence
+    assert set(by.issue_kind) <= set(named.values())
+    assert sorted(table.column("image_index").to_pylist()[:4]) == [2, 3, 4, 5]
+    # The per-box ranking: every given box and the one unmatched prediction, the four first.
+    assert per_box.column_names == list(BOX_ISSUE_COLUMNS) and per_box.num_rows == n + 1
+    top = per_box.slice(0, 4).to_pandas()
+    assert dict(zip(top.image_index, top.kind)) == named and top.named.all()
+    assert top.set_index("image_index").loc[5, "source"] == "predicted"
+    assert per_box.column("named").to_pylist()[4:] == [False] * (n - 3)
     by_image = table.to_pandas().set_index("image_index")
     first = {i: json.loads(by_image.loc[i, "boxes"])[0] for i in named}
     assert first[5]["source"] == "predicted" and first[5]["bbox"] == [0, 0, 5, 5]
-    for i in (2, 3, 6):
-        assert first[i]["source"] == "given"
+    for i in (2, 3, 4):
+        assert first[i]["source"] == "given" and first[i]["kind"] == named[i]
         assert first[i]["annotation_id"] == int(ds.ann_ids[i])
-        assert first[i]["p_given"] == pytest.approx(0.05)
-    assert first[6]["predicted"]["class_index"] == (ds.classes[6] + 1) % 3
-    assert first[3]["loss_box_reg"] == pytest.approx(0.9)
+        assert first[i]["predicted"]["bbox"] == pytest.approx(ds.boxes[i].tolist(), abs=0.01)
+    assert first[2]["suggested"]["class_index"] == (ds.classes[2] + 1) % 3
+    assert first[2]["p_other"] == pytest.approx(0.9) and first[3]["refined_iou"] == pytest.approx(0.3)
 
 
 def test_page_and_cli_mark_the_injected_errors(finished, tmp_path, capsys):
@@ -490,3 +482,26 @@ def test_page_and_cli_mark_the_injected_errors(finished, tmp_path, capsys):
     assert page.count('class="card injected"') == 3  # the three in the top 6; the last is not shown
     assert page.count("injected error</span>: the class was swapped") == 1
     assert page.count("injected error</span>: a box was removed") == 1
+
+
+def test_review_exports_carry_each_boxs_kind_and_the_class_a_swap_should_be(finished, tmp_path):
+    """What the per-box ranking found reaches the tool a person fixes labels in: the injected
+    swap's box says "swapped" and names its true class, the overlooked object is a predicted
+    box marked "overlooked" (FiftyOne's samples, as `export_for_review` writes them)."""
+    from kfold_ray import export_for_review
+
+    result, injected = finished
+    export_for_review(result.run_dir, to="fiftyone", out=tmp_path / "fo", top=3)
+    samples = json.loads((tmp_path / "fo" / "samples.json").read_text())["samples"]
+    by_image = {s["coco_id"]: s for s in samples}
+    swap = injected["swapped"]
+    given = {d["coco_id"]: d for d in by_image[swap["image_id"]]["ground_truth"]["detections"]}
+    names = {c.id: c.name for c in result.dataset.categories}
+    assert given[swap["annotation_id"]]["kind"] == "swapped"
+    assert given[swap["annotation_id"]]["named"] is True
+    assert given[swap["annotation_id"]]["suggested_class"] == names[swap["category_id"]]
+    x, y, w, h = injected["overlooked"]["bbox"]
+    image = by_image[injected["overlooked"]["image_id"]]
+    W, H = image["metadata"]["width"], image["metadata"]["height"]
+    marked = [d for d in image["predictions"]["detections"] if d.get("kind") == "overlooked"]
+    assert any(np.allclose(d["bounding_box"], [x / W, y / H, w / W, h / H], atol=1e-3) for d in marked)

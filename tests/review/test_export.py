@@ -13,9 +13,10 @@ import xml.etree.ElementTree as ET
 import pyarrow.parquet as pq
 import pytest
 
-from kfold_ray import ConfigError, DatasetError
+from kfold_ray import ConfigError, DatasetError, open_run
 from kfold_ray._api import export_for_review
 from kfold_ray._cli import main
+from kfold_ray.report._box_issues import BOX_KINDS
 
 
 def _export(finished_run, tmp_path, to, name, **kw):
@@ -71,7 +72,7 @@ def test_labelstudio_tasks_carry_ids_percent_boxes_and_predictions(finished_run,
             assert v["width"] * im["width"] / 100 == pytest.approx(w, abs=1e-6)
             assert v["height"] * im["height"] / 100 == pytest.approx(h, abs=1e-6)
             assert v["rectanglelabels"] == [names[a["category_id"]]] and v["rotation"] == 0
-            assert r["meta"]["text"][0].startswith("loss_cls ") or "?" in r["meta"]["text"][0]
+            assert r["meta"]["text"][0].split(" ")[0].rstrip("?,") in BOX_KINDS  # every box has one
         mine = [p for p in predictions if p["image_id"] == im["id"]]
         result = t.get("predictions", [{"result": []}])[0]["result"]
         assert len(result) == len(mine)
@@ -81,6 +82,33 @@ def test_labelstudio_tasks_carry_ids_percent_boxes_and_predictions(finished_run,
     config = ET.fromstring((tmp_path / "tasks.xml").read_text())
     assert [label.get("value") for label in config.iter("Label")] == ["class_0", "class_1"]
     assert config.find("Image").get("value") == "$image"
+
+
+def test_every_given_box_carries_the_per_box_rankings_verdict(finished_run, tmp_path):
+    """The FiftyOne samples and the Label Studio regions say of each given box what
+    box_issues.parquet says: its kind, score and whether it is named; a swap names its class."""
+    run_dir, ann, images = finished_run
+    _export(finished_run, tmp_path, "fiftyone", "fo", top=6)
+    _export(finished_run, tmp_path, "labelstudio", "tasks.json", top=6)
+    boxes = open_run(run_dir, annotations=ann, image_root=images).box_issues()
+    verdict = {int(r["annotation_id"]): r for r in boxes.to_dict("records") if r["source"] == "given"}
+    labels = [c["name"] for c in json.loads(ann.read_text())["categories"]]
+    samples = json.loads((tmp_path / "fo" / "samples.json").read_text())["samples"]
+    seen = 0
+    for sample in samples:
+        for d in sample["ground_truth"]["detections"]:
+            v = verdict[d["coco_id"]]
+            assert (d["kind"], d["named"]) == (v["kind"], v["named"])
+            assert d["box_score"] == pytest.approx(v["score"])
+            suggested = v["suggested_class_index"]
+            swapped_to = labels[suggested] if v["kind"] == "swapped" and suggested >= 0 else None
+            assert d.get("suggested_class") == swapped_to
+            seen += 1
+    assert seen >= 6
+    for task in json.loads((tmp_path / "tasks.json").read_text()):
+        for r in task["annotations"][0]["result"]:
+            v = verdict[int(r["id"].removeprefix("ann"))]
+            assert r["meta"]["text"][0].startswith(v["kind"] + (" (named" if v["named"] else "?"))
 
 
 def test_labelstudio_min_score_and_image_url(finished_run, tmp_path):

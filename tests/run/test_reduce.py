@@ -324,8 +324,8 @@ def test_box_losses_travel_with_their_part_and_stay_inside_it(tmp_path):
     def losses(images, rows):
         n = len(rows)
         return pa.table({"image_index": np.asarray(images, np.int64), "ann_row": np.asarray(rows, np.int64),
-                         **{c: np.full(n, 0.5, np.float32) for c in BOX_LOSS_SCHEMA.names[2:]}},
-                        schema=BOX_LOSS_SCHEMA)
+                         **{f.name: pa.array(np.full(n, 1), type=f.type) for f in BOX_LOSS_SCHEMA
+                            if f.name not in ("image_index", "ann_row")}}, schema=BOX_LOSS_SCHEMA)
 
     rng = np.random.default_rng(0)
     reducer = Reducer(tmp_path)
@@ -339,3 +339,23 @@ def test_box_losses_travel_with_their_part_and_stay_inside_it(tmp_path):
     store.put(with_box_losses(_batch(0, [1], rng), losses([7], [9])), seq=0)
     with pytest.raises(StitchError, match="1 box losses for images the part does not cover"):
         store.read_box_losses(0)
+
+
+def test_a_part_from_before_the_new_loss_columns_stitches_with_nulls_there(tmp_path):
+    """A run resumed across kfold-ray versions: an older part carries box losses without
+    p_other / other_class / refined_iou; they come out null, the rest as written."""
+    from kfold_ray._schema import BOX_LOSS_BASE_COLUMNS, BOX_LOSS_SCHEMA, with_box_losses
+
+    rng = np.random.default_rng(0)
+    reducer = Reducer(tmp_path)
+    old = pa.table({"image_index": np.array([0], np.int64), "ann_row": np.array([0], np.int64),
+                    **{c: np.array([0.25], np.float32) for c in BOX_LOSS_BASE_COLUMNS[2:]}})
+    new = pa.table({f.name: pa.array([1], type=f.type) for f in BOX_LOSS_SCHEMA})
+    reducer.add(with_box_losses(_batch(1, [0], rng), old))
+    reducer.add(with_box_losses(_batch(0, [1], rng), new))
+    reducer.finish(np.array([1, 0]), 2)
+    got = reducer.box_losses()
+    assert got.schema.equals(BOX_LOSS_SCHEMA)
+    assert got.column("p_given").to_pylist() == [0.25, 1.0]
+    assert got.column("p_other").to_pylist() == [None, 1.0]
+    assert got.column("other_class").to_pylist() == [None, 1]

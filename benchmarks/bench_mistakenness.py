@@ -3,18 +3,19 @@
 Both rank the same images from the same out-of-fold predictions (a finished run dir): FiftyOne
 Brain on a FiftyOne dataset loaded from kfold-ray's own FiftyOne export (``ground_truth`` = the
 given labels, ``predictions`` = every out-of-fold prediction the run kept, ``confidence`` = its
-score); kfold-ray by its default ranking (``combined_score``, `kfold_ray.report._rank`). The
-dataset's ``injected_errors.json`` (the example writes one) is the answer key.
+score); kfold-ray by its default ranking (``box_score``, `kfold_ray.report._rank`) and its
+earlier one (``combined_score``). The dataset's ``injected_errors.json`` (the example writes one) is the answer key.
 
 Rankings (one score per image, higher = more likely wrong):
 
-    ours: combined        kfold-ray's default ranking (what `kfold-ray report` orders by)
+    ours: box_score       kfold-ray's default ranking (what `kfold-ray report` orders by)
+    ours: combined        the earlier default (rank fractions of loss_score and unmatched_score)
     brain: mistakenness   the sample's ``mistakenness`` (max over its given boxes)
     brain: missing        the sample's ``possible_missing`` count (confident unmatched predictions)
     brain: loc            max over its given boxes of ``mistakenness_loc`` (a box's localization)
     brain: max            the largest of the three above, each as its rank fraction
 
-Per kind of injected error (swapped, missing, shifted) and for all of them: AUROC over the images
+Per kind of injected error (swapped, missing, shifted, spurious: those the dataset has) and for all of them: AUROC over the images
 with that kind of error against the clean images, and P@N (precision among the N worst of those
 images, N = images with that kind of error).
 
@@ -43,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("swapped", "missing", "shifted")
-RANKINGS = ("ours: combined", "brain: mistakenness", "brain: missing", "brain: loc", "brain: max")
+KINDS = ("swapped", "missing", "shifted", "spurious")  # those the dataset has are scored
+RANKINGS = ("ours: box_score", "ours: combined", "brain: mistakenness", "brain: missing", "brain: loc", "brain: max")
 MONGOD = Path(__file__).resolve().parents[1] / ".venv" / "opt" / "mongodb" / "bin" / "mongod"
 
 
@@ -65,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     with _database():
         brain, brain_s = _brain_scores(args.run_dir, result)
     ids = [int(i) for i in result.image_ids]
-    scores = {"ours: combined": dict(zip(ours["image_id"], ours["combined_score"])), **brain}
+    scores = {"ours: box_score": dict(zip(ours["image_id"], ours["box_score"])),
+              "ours: combined": dict(zip(ours["image_id"], ours["combined_score"])), **brain}
     table = _score(ids, scores, injected)
     record = {"command": _command(), "run_dir": str(args.run_dir), "images": len(ids),
-              "errors": {k: sum(e["kind"] == k for e in injected) for k in KINDS},
+              "errors": {k: n for k in KINDS if (n := sum(e["kind"] == k for e in injected))},
               "seconds": {"ours": round(ours_s, 2), "brain": round(brain_s, 2)},
               "pooled_AP": result.metrics.get("pooled", {}).get("AP"), "table": table}
     _print(record)
@@ -169,7 +171,8 @@ def _score(ids: list[int], scores: dict[str, dict[int, float]], injected: list[d
     for e in injected:
         kind_of.setdefault(int(e["image_id"]), set()).add(str(e["kind"]))
     table: dict[str, dict] = {}
-    for kind in (*KINDS, "all"):
+    present = {str(e["kind"]) for e in injected}
+    for kind in (*[k for k in KINDS if k in present], "all"):
         pos = {i for i in ids if i in kind_of and (kind == "all" or kind in kind_of[i])}
         # Dataset order: a tie (Brain's missing count is 0 on most images) favours no side.
         keep = [i for i in ids if i in pos or i not in kind_of]

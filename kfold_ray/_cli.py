@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ray cluster address (as for run; default: RAY_ADDRESS, else the cluster "
                           "on this node, else a new local one)")
     doc.add_argument("--storage", default=None, metavar="URI",
-                     help="also check that every node reaches this run dir or bucket (path or URI)")
+                     help="also check that every node reaches this run dir or bucket (path or URI; "
+                          "default: no storage check)")
 
     rep = sub.add_parser("report", help="rank likely label errors of a finished run; write report/index.html")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder (path or URI)")

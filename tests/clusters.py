@@ -990,3 +990,13 @@ def _node_ip() -> str:
     import ray._private.services as services
 
     return services.get_node_ip_address()
+
+
+def init_local_ray(**kwargs):
+    """``ray.init`` of a new local cluster of the test's own (``address="local"``: never one that
+    another process on this machine happens to run, which ``ray.init()`` alone would join), quiet."""
+    import ray
+
+    kwargs.setdefault("address", "local")
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    return ray

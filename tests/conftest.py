@@ -35,14 +35,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def _init(**kwargs):
-    import ray
+from clusters import init_local_ray as _init  # noqa: E402  (tests/ is on sys.path from here on)
 
-    # address="local": always a new cluster of our own, never one that another process on this
-    # machine happens to run (ray.init() alone would join the latest one it finds).
-    kwargs.setdefault("address", "local")
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
-    return ray
+
+@pytest.fixture(autouse=True)
+def _no_ray_left_connected():
+    """A test that ran the CLI in-process (`kfold_ray._cli.main`) leaves this process connected to
+    the Ray it started, as the command would until its process exits: disconnect after every test,
+    so that the next one's fixtures start their own cluster."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -186,7 +186,7 @@ def test_every_flag_has_a_help_line_with_its_default():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"run", "validate", "example", "report", "export", "apply"}
+    assert set(commands) == {"run", "validate", "example", "report", "export", "apply", "doctor"}
     for name, sub in commands.items():
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):

@@ -83,6 +83,8 @@ def handover(tmp_path_factory):
                     work_dir=str(work_dir), seed=0, num_cpus=2, checkpoint_period=2,
                     keep_checkpoints=5, train=TrainConfig(model="tiny", overrides=TINY))
     me = psutil.Process()
+    # Children this process already has (other tests' servers, a Ray node) are no loader workers.
+    before = {p.pid for p in me.children(recursive=True)}
     mp = pytest.MonkeyPatch()
     collecting = gc.isenabled()
     gc.disable()
@@ -95,7 +97,7 @@ def handover(tmp_path_factory):
             events.append(event)
             if isinstance(event, Progress) and event.stage == "train":
                 step["now"] = event.step
-                seen["loader_pids"] |= {p.pid for p in me.children(recursive=True)}
+                seen["loader_pids"] |= {p.pid for p in me.children(recursive=True)} - before
                 if event.step >= 3:  # a step after the first checkpoint's (step 2)
                     first_upload_may_end.set()
     finally:

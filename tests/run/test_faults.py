@@ -220,7 +220,7 @@ def test_a_fold_killed_mid_upload_resumes_from_the_previous_checkpoint(ray_local
     assert "resumes training at iteration 2 of 6" in log
     stored = sorted(p.name for p in fold.iterdir())
     assert stored == ["last_checkpoint", "log.txt", "model_0000001.pth", "model_0000003.pth",
-                      "model_final.pth"], stored  # the half-written upload's temp file is gone
+                      "model_final.pth", "ran_with.json"], stored  # the half-written upload's temp file is gone
     assert (fold / "last_checkpoint").read_text().strip() == "model_final.pth"
     table = pq.read_table(run_dir / "predictions.parquet")  # stitched: each image exactly once
     assert sorted(set(table.column("image_index").to_pylist())) == list(range(8))

@@ -34,9 +34,9 @@ TINY = ["SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITER
 @pytest.fixture
 def ray_4cpus():
     """Local Ray advertising 4 CPUs: two folds of two one-CPU workers side by side."""
-    from conftest import _init
+    from clusters import init_local_ray
 
-    ray = _init(num_cpus=4)
+    ray = init_local_ray(num_cpus=4)
     yield ray
     ray.shutdown()
 

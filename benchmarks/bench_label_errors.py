@@ -9,7 +9,7 @@ given boxes each; `label_error_protocol.py`), found by kfold-ray's per-box and p
         --max-iter 400 -k 4 --out runs/label-errors/digits-s0-i400
     # a COCO dataset on disk (BCCD: blood-cell photographs, MIT licence), its own labels as truth:
     python benchmarks/bench_label_errors.py --dataset PATH/bccd/annotations.json \\
-        --image-root PATH/bccd --out runs/label-errors/bccd -k 3 --max-iter 200 \\
+        --image-root PATH/bccd --out runs/label-errors/bccd -k 3 --max-iter 200 --checkpoint-period 25 \\
         --opts SOLVER.STEPS "(160,)" INPUT.MIN_SIZE_TRAIN "(256,)" INPUT.MAX_SIZE_TRAIN 342 \\
         INPUT.MIN_SIZE_TEST 256 INPUT.MAX_SIZE_TEST 342
     # --train-only trains (or resumes) and leaves the scoring for later; score a finished run
@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="more Detectron2 overrides")
     p.add_argument("--cpus-per-fold", type=float, default=None,
                    help="as for kfold-ray run (0.5 on 2 cores: every fold of k=3 at once)")
+    p.add_argument("--checkpoint-period", type=int, default=None,
+                   help="iterations between the folds' checkpoints (default: the model config's, "
+                        "5000: none in a short run); e.g. 25 for a run that may be stopped and resumed")
     p.add_argument("--score-only", action="store_true", help="score the finished run in --out")
     p.add_argument("--train-only", action="store_true", help="train (or resume), score later")
     p.add_argument("--exclude-negatives", type=Path, default=None,
@@ -109,7 +112,7 @@ def _train(args, annotations: Path, image_root: Path, run_dir: Path) -> None:
 
     run_cv(annotations, args.k, image_root=image_root, model=args.model,
            overrides=[*example_overrides(args.max_iter), *args.opts], gpus_per_fold=0.0,
-           cpus_per_fold=args.cpus_per_fold,
+           cpus_per_fold=args.cpus_per_fold, checkpoint_period=args.checkpoint_period,
            run_dir=run_dir, address="local", resume=(run_dir / "run.json").is_file(),
            progress=sys.stderr.isatty())
     ray.shutdown()

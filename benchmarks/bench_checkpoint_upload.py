@@ -36,10 +36,28 @@ def run(cfg, work_dir: Path, scratch: Path, *, upload_s: float, in_loop: bool) -
                 time.sleep(upload_s)
             super().put_file(local, name)
 
-    class InLoop(CheckpointSync):
-        push_in_background = CheckpointSync.push  # before: the loop waits for each upload
+    blocked = {"in the loop": 0.0, "final": 0.0}
 
-    sync = (InLoop if in_loop else CheckpointSync)(SlowStorage(work_dir), scratch, keep=2)
+    class Timed(CheckpointSync):
+        """Seconds the loop's own thread spends in the checkpoint calls: during training
+        (``push_in_background``) and for the final checkpoint (``push``, before predicting).
+        Time blocked on a sleeping upload does not depend on how loaded the CPU is."""
+
+        def push_in_background(self):
+            t = time.perf_counter()
+            try:
+                return (CheckpointSync.push if in_loop else CheckpointSync.push_in_background)(self)
+            finally:
+                blocked["in the loop"] += time.perf_counter() - t
+
+        def push(self):
+            t = time.perf_counter()
+            try:
+                return super().push()
+            finally:
+                blocked["final"] += time.perf_counter() - t
+
+    sync = Timed(SlowStorage(work_dir), scratch, keep=2)  # in_loop: before, the loop waits for each upload
     sync.pull()
     cfg.defrost()
     cfg.OUTPUT_DIR = str(scratch)
@@ -53,7 +71,8 @@ def run(cfg, work_dir: Path, scratch: Path, *, upload_s: float, in_loop: bool) -
     total = time.perf_counter() - start
     stored = Storage(work_dir).read_text("last_checkpoint").strip()
     assert stored == "model_final.pth", stored
-    return {"total": total, "median": statistics.median(steps), "max": max(steps)}
+    return {"total": total, "median": statistics.median(steps), "max": max(steps),
+            "blocked": blocked["in the loop"], "final": blocked["final"]}
 
 
 def main() -> None:
@@ -111,7 +130,8 @@ def main() -> None:
     for mode, r in best.items():
         print(f"  {mode:42s} {r['total']:7.2f} s ({r['total'] / base['total']:5.2f}x)  "
               f"median step {1000 * r['median']:6.0f} ms  slowest step {1000 * r['max']:6.0f} ms  "
-              f"{args.iters * args.batch / r['total']:6.2f} img/s")
+              f"{args.iters * args.batch / r['total']:6.2f} img/s  loop blocked on checkpoints "
+              f"{r['blocked']:5.2f} s (+ final {r['final']:4.2f} s)")
 
 
 if __name__ == "__main__":

@@ -247,10 +247,21 @@ def report(out_dir: Path, *, exclude: Path | None = None, bootstrap: int = 1000)
 
 
 def _excluded_ids(path: Path, images) -> set[int]:
-    names = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    """The image ids named in `path`: one file name a line (the json's or its base name), `#`
+    starts a comment. A name that is no image of the run stops the scoring: a typo would
+    otherwise leave that image among the negatives without a word."""
     by_name = dict(zip(images["file_name"], images["image_id"]))
     base = {Path(n).name: i for n, i in by_name.items()}
-    return {int(by_name.get(n, base.get(Path(n).name, -1))) for n in names} - {-1}
+    ids = set()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        image_id = by_name.get(name, base.get(Path(name).name))
+        if image_id is None:
+            raise SystemExit(f"{path}: line {number}: {name!r} is no image of this run")
+        ids.add(int(image_id))
+    return ids
 
 
 def _fmt(v, digits=3) -> str:

@@ -73,3 +73,15 @@ def test_auroc_and_its_interval():
     lo, hi = auroc_interval(pos, neg, reps=300)
     assert lo < expected < hi and hi - lo < 0.25
     assert auroc([], neg) is None
+
+
+def test_excluded_negatives_file_names_images_and_refuses_unknown_ones(tmp_path):
+    from benchmarks.label_error_scores import _excluded_ids
+
+    images = {"file_name": ["JPEGImages/a.jpg", "JPEGImages/b.jpg", "c.jpg"], "image_id": [7, 8, 9]}
+    listed = tmp_path / "judged.txt"
+    listed.write_text("# judged by eye\nJPEGImages/a.jpg  # unboxed cells\n\nc.jpg\nb.jpg\n")
+    assert _excluded_ids(listed, images) == {7, 8, 9}
+    listed.write_text("a.jpg\nd.jpg\n")
+    with pytest.raises(SystemExit, match=r"judged.txt: line 2: 'd.jpg' is no image"):
+        _excluded_ids(listed, images)

@@ -4,9 +4,9 @@ given boxes each; `label_error_protocol.py`), found by kfold-ray's per-box and p
     # the digits (kfold_ray.data._example, clean labels), the example's budget (tiny, 150 iters):
     python benchmarks/bench_label_errors.py --dataset digits --images 420 --seed 0 \\
         --out runs/label-errors/digits-s0-i150
-    # a larger CPU budget:
+    # a larger CPU budget (twice the example's iterations; ~20 min on 2 cores):
     python benchmarks/bench_label_errors.py --dataset digits --images 420 --seed 0 \\
-        --max-iter 400 -k 4 --out runs/label-errors/digits-s0-i400
+        --max-iter 300 --checkpoint-period 50 --out runs/label-errors/digits-s0-i300
     # a COCO dataset on disk (BCCD: blood-cell photographs, MIT licence), its own labels as truth:
     python benchmarks/bench_label_errors.py --dataset PATH/bccd/annotations.json \\
         --image-root PATH/bccd --out runs/label-errors/bccd -k 3 --max-iter 200 --checkpoint-period 25 \\
